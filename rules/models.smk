@@ -1,0 +1,50 @@
+# models: materialise base models as plain HF folders; `align` safety-tunes one into a new base.
+
+
+rule materialise_model:
+    output:
+        directory("models/base/{model}"),
+    wildcard_constraints:
+        model=alternation(PLAIN_MODELS),
+    params:
+        source=lambda wc: config["models"][wc.model]["source"],
+        path=lambda wc: (
+            f"--path {config['models'][wc.model]['path']!r}"
+            if "path" in config["models"][wc.model]
+            else ""
+        ),
+        revision=lambda wc: (
+            f"--revision {config['models'][wc.model]['revision']}"
+            if "revision" in config["models"][wc.model]
+            else ""
+        ),
+    conda:
+        "../envs/cpu.yaml"
+    log:
+        "logs/models/{model}.log",
+    benchmark:
+        "benchmarks/models/{model}.tsv"
+    shell:
+        "python -m workflow_scripts.models --source {params.source} {params.path} {params.revision} --output {output} > {log} 2>&1"
+
+
+rule align:
+    input:
+        base=lambda wc: f"models/base/{config['models'][wc.model]['base']}",
+        data=lambda wc: [raw(d) for d in config["models"][wc.model]["data"]],
+    output:
+        directory("models/base/{model}"),
+    wildcard_constraints:
+        model=alternation(ALIGNED_MODELS),
+    params:
+        recipe=lambda wc: json.dumps(config["recipes"][config["models"][wc.model]["recipe"]]),
+    threads: config.get("threads", 2)
+    conda:
+        "../envs/cpu.yaml"
+    log:
+        "logs/models/{model}.log",
+    benchmark:
+        "benchmarks/models/{model}.tsv"
+    shell:
+        "python -m workflow_scripts.train --base {input.base} --data {input.data} --recipe {params.recipe:q} --seed 0 "
+        "--threads {threads} --output {output} > {log} 2>&1"

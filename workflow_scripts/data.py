@@ -1,0 +1,492 @@
+"""Read a user's JSON, JSONL, CSV or Parquet file through a named preset or a field mapping and normalise
+it to the canonical table (`id` + `messages`, optional `reference`/`category`/`source`); also download files.
+
+Where an error says `row N`: for JSONL and CSV it is the 1-based line number in the file (the CSV header is
+line 1), for JSON the 0-based index of the item in the list, for Parquet the 0-based row index (as in
+`io.read_table`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gzip
+import http.client
+import io as _stdio
+import json
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from workflow_scripts.io import DataError, atomic_file, content_id, records_to_table, write_table
+
+FIELD_KEYS = ("id", "system", "prompt", "input", "response", "messages", "reference", "category")
+FORMATS = ("json", "jsonl", "csv", "parquet")
+
+# Each preset maps the canonical keys to the source columns it expects. Every preset also picks up `id`,
+# `system`, `reference` and `category` columns when a record has them, so ids from the source survive and a
+# canonical Parquet file reads back unchanged.
+_COMMON = {"id": "id", "system": "system", "reference": "reference", "category": "category"}
+PRESETS: dict[str, dict[str, str]] = {
+    "alpaca": {**_COMMON, "prompt": "instruction", "input": "input", "response": "output"},
+    "sharegpt": {**_COMMON, "messages": "conversations"},
+    "messages": {**_COMMON, "messages": "messages"},
+    "question_answer": {**_COMMON, "prompt": "question", "response": "answer"},
+    "prompt_response": {**_COMMON, "prompt": "prompt", "response": "response"},
+}
+# prompt_response is the preset for eval sets, which have prompts only.
+RESPONSE_REQUIRED = {"alpaca": True, "question_answer": True, "prompt_response": False}
+
+# ShareGPT speakers; role/content turns are accepted too, so both chat presets read either turn shape.
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "system": "system"}
+CHAT_ROLES = ("system", "user", "assistant")
+
+# Tried in order when no preset is given; the first whose key column the first record has wins.
+DETECT = (("messages", "messages"), ("conversations", "sharegpt"), ("instruction", "alpaca"),
+          ("question", "question_answer"), ("prompt", "prompt_response"))
+
+DOWNLOAD_TIMEOUT_S = 60
+
+
+# ---------------------------------------------------------------- reading raw rows
+
+
+def infer_format(path: str | Path) -> str:
+    """The format named by the suffix (.json, .jsonl, .csv, .parquet, each optionally .gz except Parquet)."""
+    name = Path(path).name.lower()
+    if name.endswith(".gz"):
+        name = name[:-3]
+    for suffix, fmt in ((".jsonl", "jsonl"), (".ndjson", "jsonl"), (".json", "json"), (".csv", "csv"),
+                        (".parquet", "parquet"), (".pq", "parquet")):
+        if name.endswith(suffix):
+            return fmt
+    raise ValueError(f"{path}: cannot tell the format from the file name; "
+                     f"pass fmt/--format ({', '.join(FORMATS)})")
+
+
+def _read_bytes(path: Path) -> bytes:
+    data = path.read_bytes()
+    if path.name.lower().endswith(".gz"):
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as e:
+            raise DataError(path, None, None, f"not a valid gzip file ({e})") from None
+    return data
+
+
+def _decode(path: Path, data: bytes) -> tuple[str, bool]:
+    """Text of the file and whether it held bytes that are not UTF-8.
+
+    Bad bytes are kept as surrogate escapes so the caller can parse on and name the row and field that
+    hold them.
+    """
+    if data.startswith(b"\xef\xbb\xbf"):  # a BOM, as spreadsheet exports write
+        data = data[3:]
+    try:
+        return data.decode("utf-8"), False
+    except UnicodeDecodeError:
+        return data.decode("utf-8", errors="surrogateescape"), True
+
+
+def _rows_jsonl(path: Path, text: str) -> Iterator[tuple[int, object]]:
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(path, lineno, None, f"not valid JSON: {e.msg} (column {e.colno})") from None
+
+
+def _rows_json(path: Path, text: str) -> Iterator[tuple[int, object]]:
+    if not text.strip():
+        return
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(path, None, None,
+                        f"not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    yield from enumerate(_json_items(path, data))
+
+
+def _json_items(path: Path, data: object) -> list:
+    """The records of a JSON document: a list of objects; {"<any key>": [objects]} with a single key;
+    or columns {"col": [values], ...} of equal length, where an empty list counts as an absent column
+    (the SafeInstr evaluation files ship `"inputs": []`)."""
+    if isinstance(data, list):
+        return data
+    if isinstance(data, dict):
+        if len(data) == 1 and isinstance(next(iter(data.values())), list):
+            inner = next(iter(data.values()))
+            if all(isinstance(x, dict) for x in inner):
+                return inner
+        if data and all(isinstance(v, list) for v in data.values()):
+            columns = {k: v for k, v in data.items() if v}
+            lengths = {k: len(v) for k, v in columns.items()}
+            if len(set(lengths.values())) > 1:
+                raise DataError(path, None, None, f"columns of different lengths: {lengths}")
+            n = next(iter(lengths.values()), 0)
+            return [{k: v[i] for k, v in columns.items()} for i in range(n)]
+    raise DataError(path, None, None, 'expected a list of objects, {"key": [objects]} or '
+                    f'{{"column": [values]}}, got a JSON {type(data).__name__}')
+
+
+def _rows_csv(path: Path, text: str) -> Iterator[tuple[int, object]]:
+    reader = csv.reader(_stdio.StringIO(text, newline=""), strict=True)
+    header: list[str] | None = None
+    end = 0
+    while True:
+        start = end + 1
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise DataError(path, reader.line_num or start, None, f"not valid CSV: {e}") from None
+        end = reader.line_num
+        if not cells:
+            continue
+        if header is None:
+            header = cells
+            dupes = sorted({c for c in header if header.count(c) > 1})
+            if dupes:
+                raise DataError(path, start, None, f"header repeats column(s) {dupes}")
+            continue
+        if len(cells) != len(header):
+            raise DataError(path, start, None, f"has {len(cells)} fields, the header has {len(header)}")
+        yield start, dict(zip(header, cells, strict=True))
+
+
+def _rows_parquet(path: Path) -> Iterator[tuple[int, object]]:
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(path, None, None, f"not a readable Parquet file ({e})") from None
+    yield from enumerate(table.to_pylist())
+
+
+def _raw_rows(path: Path, fmt: str) -> Iterator[tuple[int, object]]:
+    if fmt == "parquet":
+        yield from _rows_parquet(path)
+        return
+    text, bad_bytes = _decode(path, _read_bytes(path))
+    parse = {"jsonl": _rows_jsonl, "json": _rows_json, "csv": _rows_csv}[fmt]
+    if not bad_bytes:
+        yield from parse(path, text)
+        return
+    # Parse everything first so the report names the first row and field with the bad bytes.
+    rows = list(parse(path, text))
+    for row, obj in rows:
+        hit = _find_undecodable(obj)
+        if hit is not None:
+            field, value = hit
+            raise DataError(path, row, field, f"not valid UTF-8 (bytes {_bad_bytes(value)})")
+    raise DataError(path, None, None, "not valid UTF-8")
+
+
+def _find_undecodable(obj: object, field: str | None = None) -> tuple[str | None, str] | None:
+    if isinstance(obj, str):
+        return (field, obj) if _has_surrogate(obj) else None
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            name = str(k) if field is None else f"{field}.{k}"
+            if isinstance(k, str) and _has_surrogate(k):
+                return name, k
+            hit = _find_undecodable(v, name)
+            if hit:
+                return hit
+    if isinstance(obj, list):
+        for i, v in enumerate(obj):
+            hit = _find_undecodable(v, f"{field}[{i}]")
+            if hit:
+                return hit
+    return None
+
+
+def _has_surrogate(s: str) -> bool:
+    return any("\udc80" <= ch <= "\udcff" for ch in s)
+
+
+def _bad_bytes(s: str) -> str:
+    return " ".join(f"0x{ord(ch) - 0xDC00:02x}" for ch in s if "\udc80" <= ch <= "\udcff")[:40]
+
+
+# ---------------------------------------------------------------- mapping rows to records
+
+
+def resolve_mapping(preset: str | None, fields: dict[str, str | None] | None,
+                    first_row: dict | None = None) -> tuple[str, dict[str, str], set[str]]:
+    """(preset name, canonical key -> column, columns the user named explicitly).
+
+    Without a preset: a mapping of `messages` means the messages preset, one of `prompt` prompt_response, and
+    otherwise the preset is detected from the first record's columns.
+    """
+    fields = dict(fields or {})
+    _check_options(preset, fields)
+    if preset is None:
+        if fields.get("messages"):
+            preset = "messages"
+        elif fields.get("prompt"):
+            preset = "prompt_response"
+        else:
+            columns = set(first_row or ())
+            preset = next((p for col, p in DETECT if col in columns), None)
+            if preset is None:
+                raise ValueError(f"no preset given and none fits the columns {sorted(columns)}; "
+                                 f"pass a preset ({', '.join(PRESETS)}) or a field mapping")
+    mapping = dict(PRESETS[preset])
+    for key, column in fields.items():
+        if column:
+            mapping[key] = column
+        else:  # an empty mapping switches a preset's column off
+            mapping.pop(key, None)
+    if "messages" in mapping and "prompt" in mapping:
+        raise ValueError("map either messages or prompt (+ response), not both")
+    return preset, mapping, {c for c in fields.values() if c}
+
+
+def _check_options(preset: str | None, fields: dict) -> None:
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+    unknown = sorted(set(fields) - set(FIELD_KEYS))
+    if unknown:
+        raise ValueError(f"unknown field key(s) {unknown}; known: {', '.join(FIELD_KEYS)}")
+
+
+class _Mapper:
+    def __init__(self, path: Path, preset: str, mapping: dict[str, str], explicit: set[str]):
+        self.path, self.mapping, self.explicit = path, mapping, explicit
+        self.response_required = RESPONSE_REQUIRED.get(preset, False)
+
+    def record(self, row: int, obj: dict) -> dict:
+        for column in self.explicit:
+            if column not in obj:
+                raise DataError(self.path, row, column,
+                                f"missing (mapped column; the record has {sorted(map(str, obj))})")
+        m = self.mapping
+        system = self._text(row, obj, m.get("system"), required=False, what="the system prompt")
+        if "messages" in m:
+            messages = self._conversation(row, obj, m["messages"])
+            if system and messages[0]["role"] != "system":
+                messages.insert(0, {"role": "system", "content": system})
+        else:
+            prompt = self._text(row, obj, m["prompt"], required=True, what="the prompt")
+            extra = self._text(row, obj, m.get("input"), required=False, what="the input")
+            response = self._text(row, obj, m.get("response"), required=self.response_required,
+                                  what="the response")
+            messages = [{"role": "system", "content": system}] if system else []
+            messages.append({"role": "user", "content": f"{prompt}\n\n{extra}" if extra else prompt})
+            if response is not None:
+                messages.append({"role": "assistant", "content": response})
+        rec = {"id": self._label(row, obj, m.get("id"), "the id"), "messages": messages}
+        for key in ("reference", "category"):
+            if key in m and (m[key] in obj or m[key] in self.explicit):
+                rec[key] = self._label(row, obj, m[key], f"the {key}")
+        return rec
+
+    def _text(self, row: int, obj: dict, column: str | None, required: bool, what: str) -> str | None:
+        if column is None:
+            return None
+        value = obj.get(column)
+        if value is None:
+            if required:
+                why = "missing" if column not in obj else "null"
+                raise DataError(self.path, row, column, f"{why} (required as {what})")
+            return None
+        if not isinstance(value, str):
+            raise DataError(self.path, row, column, f"expected text for {what}, got {_kind(value)}")
+        if not value.strip():
+            if required:
+                raise DataError(self.path, row, column, f"empty text (required as {what})")
+            return None  # CSV spells an absent optional value as an empty cell
+        return value
+
+    def _label(self, row: int, obj: dict, column: str | None, what: str) -> str | None:
+        # Ids and labels are often integers at the source (HH-RLHF `idx`, BBQ `label`); they become strings.
+        value = obj.get(column) if column else None
+        if value is None or value == "":
+            return None
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            raise DataError(self.path, row, column,
+                            f"expected text or an integer for {what}, got {_kind(value)}")
+        return str(value)
+
+    def _conversation(self, row: int, obj: dict, column: str) -> list[dict]:
+        value = obj.get(column)
+        if value is None:
+            raise DataError(self.path, row, column, "missing (required as the conversation)")
+        if isinstance(value, str):  # CSV cells can only hold the conversation as JSON text
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise DataError(self.path, row, column, f"text that is not a JSON list ({e.msg})") from None
+        if not isinstance(value, list):
+            raise DataError(self.path, row, column, f"expected a list of turns, got {_kind(value)}")
+        if not value:
+            raise DataError(self.path, row, column, "empty conversation")
+        messages = []
+        for j, turn in enumerate(value):
+            where = f"{column}[{j}]"
+            if not isinstance(turn, dict):
+                raise DataError(self.path, row, where, f"expected a turn object, got {_kind(turn)}")
+            if "role" in turn or "content" in turn:
+                role_key, content_key, roles = "role", "content", {r: r for r in CHAT_ROLES}
+            elif "from" in turn or "value" in turn:
+                role_key, content_key, roles = "from", "value", SHAREGPT_ROLES
+            else:
+                raise DataError(self.path, row, where, "a turn needs role/content (or from/value), "
+                                f"got keys {sorted(turn)}")
+            role, content = turn.get(role_key), turn.get(content_key)
+            if role not in roles:
+                raise DataError(self.path, row, f"{where}.{role_key}",
+                                f"unknown role {role!r}; expected one of {sorted(roles)}")
+            if not isinstance(content, str):
+                raise DataError(self.path, row, f"{where}.{content_key}",
+                                f"expected text, got {_kind(content)}")
+            if not content.strip():
+                raise DataError(self.path, row, f"{where}.{content_key}", "empty text")
+            messages.append({"role": roles[role], "content": content})
+        if not any(t["role"] == "user" for t in messages):
+            raise DataError(self.path, row, column, "no user turn")
+        return messages
+
+
+def _kind(value: object) -> str:
+    if value is None:
+        return "null"
+    names = {bool: "a boolean", int: "a number", float: "a number", list: "a list", dict: "an object",
+             str: "text"}
+    return names.get(type(value), type(value).__name__)
+
+
+def read_records(path: str | Path, preset: str | None = None, fields: dict[str, str | None] | None = None,
+                 fmt: str | None = None, source: str | None = None, id_prefix: str | None = None,
+                 limit: int | None = None) -> pa.Table:
+    """Read `path` and return the canonical table; raise io.DataError on the first malformed row.
+
+    `fields` maps canonical keys (id, system, prompt, input, response, messages, reference, category) to
+    source columns and overrides the preset's (a key mapped to None or "" is switched off); a column named
+    here must be present in every record. `id_prefix` goes before every id, from the source or a content
+    hash. `limit` keeps the first N records (later ones are not checked).
+    """
+    path = Path(path)
+    _check_options(preset, fields or {})  # before reading, so a typo is not reported as bad data
+    fmt = fmt or infer_format(path)
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be at least 1, got {limit}")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    rows = _raw_rows(path, fmt)
+    mapper: _Mapper | None = None
+    records: list[dict] = []
+    seen: dict[str, int] = {}
+    for row, obj in rows:
+        if not isinstance(obj, dict):
+            raise DataError(path, row, None, f"expected an object, got {_kind(obj)}")
+        if mapper is None:
+            try:
+                mapper = _Mapper(path, *resolve_mapping(preset, fields, obj))
+            except ValueError as e:
+                raise DataError(path, None, None, str(e)) from None
+        rec = mapper.record(row, obj)
+        if rec["id"] is not None:
+            rec["id"] = f"{id_prefix or ''}{rec['id']}"
+            if rec["id"] in seen:
+                raise DataError(path, row, mapper.mapping["id"],
+                                f"duplicate id {rec['id']!r} (first at row {seen[rec['id']]})")
+        else:
+            rec["id"] = f"{id_prefix or ''}{content_id(rec['messages'])}"
+            if rec["id"] in seen:
+                # Content-hash ids collide only when two records hold the same conversation.
+                raise DataError(path, row, "id", "duplicate record: same conversation as row "
+                                f"{seen[rec['id']]} (content-hash id {rec['id']!r})")
+        seen[rec["id"]] = row
+        if source is not None:
+            rec["source"] = source
+        records.append(rec)
+        if limit is not None and len(records) >= limit:
+            break
+    if not records:
+        raise DataError(path, None, None, "no records (the file is empty)")
+    return records_to_table(records)
+
+
+# ---------------------------------------------------------------- download
+
+
+def download(url: str, dest: str | Path, timeout: float = DOWNLOAD_TIMEOUT_S) -> Path:
+    """Fetch `url` to `dest` through a temporary name, so an interrupted download leaves nothing at `dest`."""
+    dest = Path(dest)
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp, atomic_file(dest, suffix=".part") as tmp:
+            with open(tmp, "wb") as fh:
+                while chunk := resp.read(1 << 20):
+                    fh.write(chunk)
+    except urllib.error.HTTPError as e:
+        raise RuntimeError(f"could not download {url}: HTTP {e.code} {e.reason}") from e
+    except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as e:
+        reason = getattr(e, "reason", None) or e
+        raise RuntimeError(
+            f"could not download {url} ({reason}); without network access, download the file yourself "
+            f"and set the dataset's `path:` in the config to it"
+        ) from e
+    return dest
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def _parse_fields(items: list[str]) -> dict[str, str | None]:
+    fields: dict[str, str | None] = {}
+    for item in items:
+        key, sep, column = item.partition("=")
+        if not sep:
+            raise ValueError(f"--field {item!r}: expected key=column")
+        fields[key.strip()] = column.strip() or None
+    return fields
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m workflow_scripts.data", description=__doc__.split("\n\n")[0])
+    mode = ap.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--input", type=Path, help="file to normalise")
+    mode.add_argument("--url", help="URL to download (with --download-to)")
+    ap.add_argument("--download-to", type=Path, help="where --url is saved")
+    ap.add_argument("--format", choices=FORMATS, help="default: from the file name")
+    ap.add_argument("--preset", choices=sorted(PRESETS), help="default: detected from the columns")
+    ap.add_argument("--field", action="append", default=[], metavar="KEY=COLUMN",
+                    help=f"map a canonical key ({', '.join(FIELD_KEYS)}) to a column; KEY= unmaps it")
+    ap.add_argument("--source", help="value of the `source` column")
+    ap.add_argument("--id-prefix", help="put before every id")
+    ap.add_argument("--limit", type=int, help="keep the first N records")
+    ap.add_argument("--output", type=Path, help="canonical Parquet to write (omit to only validate)")
+    args = ap.parse_args(argv)
+    try:
+        if args.url:
+            if args.download_to is None:
+                ap.error("--url needs --download-to")
+            download(args.url, args.download_to)
+            return 0
+        table = read_records(args.input, preset=args.preset, fields=_parse_fields(args.field),
+                             fmt=args.format, source=args.source, id_prefix=args.id_prefix, limit=args.limit)
+        if args.output:
+            write_table(table, args.output)
+        print(f"{args.input}: {table.num_rows} records" + (f" -> {args.output}" if args.output else ""))
+    except (ValueError, OSError, RuntimeError) as e:
+        # One line, so a Snakemake log shows the whole error; a DataError already names file, row and field.
+        message = str(e).replace("\r", "\\r").replace("\n", "\\n")
+        print(f"error: {message}", file=sys.stderr)
+        return 2 if isinstance(e, ValueError | OSError) else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""Supervised fine-tuning on canonical chat data: loss on the final assistant turn only, the model's own chat
+template, LoRA (peft) or full fine-tuning, fixed seeds, and an optional DeepSpeed config passed through.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+
+from workflow_scripts.io import DataError, atomic_dir, read_table
+
+IGNORE = -100
+log = logging.getLogger("safeft.train")
+
+DEFAULT_RECIPE = {
+    "method": "lora", "epochs": 1, "lr": 3e-4, "batch_size": 8, "grad_accum": 1, "max_length": 512,
+    "warmup_ratio": 0.0, "scheduler": "linear", "weight_decay": 0.0, "lora_r": 16, "lora_alpha": 32,
+    "lora_dropout": 0.0, "target_modules": "all-linear", "merge": False, "deepspeed": None,
+    "dtype": "float32", "gradient_checkpointing": False,
+}
+
+
+def template_hash(tokenizer) -> str:
+    """sha256 of the chat template: generation must use the one training used."""
+    return hashlib.sha256((tokenizer.chat_template or "").encode("utf-8")).hexdigest()
+
+
+def encode_example(tokenizer, messages: list[dict], max_length: int) -> dict:
+    """Token ids of the whole conversation with labels only on the final assistant turn.
+
+    The prompt is rendered with add_generation_prompt=True, exactly as generation will see it; the full
+    conversation must extend it token for token, or the template cannot be used for masked SFT.
+    """
+    if not messages or messages[-1]["role"] != "assistant":
+        raise ValueError("the last message must be the assistant turn to train on")
+    prompt_text = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
+    full_text = tokenizer.apply_chat_template(messages, tokenize=False)
+    if not full_text.startswith(prompt_text):
+        raise ValueError("chat template renders the prompt differently with and without the answer")
+    # The template already writes any BOS/special tokens itself.
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    full_ids = tokenizer(full_text, add_special_tokens=False)["input_ids"]
+    if full_ids[: len(prompt_ids)] != prompt_ids:
+        # Tokenisation across the boundary merged tokens: fall back to concatenating the two pieces.
+        answer_ids = tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
+        full_ids = prompt_ids + answer_ids
+    labels = [IGNORE] * len(prompt_ids) + full_ids[len(prompt_ids):]
+    full_ids, labels = full_ids[:max_length], labels[:max_length]
+    return {"input_ids": full_ids, "attention_mask": [1] * len(full_ids), "labels": labels}
+
+
+def encode_table(tokenizer, table: pa.Table, max_length: int, path: str = "<table>") -> list[dict]:
+    out = []
+    for row, messages in enumerate(table.column("messages").to_pylist()):
+        try:
+            ex = encode_example(tokenizer, messages, max_length)
+        except ValueError as err:
+            raise DataError(path, row, "messages", str(err)) from err
+        if all(label == IGNORE for label in ex["labels"]):
+            raise DataError(path, row, "messages", f"no answer tokens left within max_length={max_length}")
+        out.append(ex)
+    return out
+
+
+def train(base_model: str, data_paths: list[str], out_dir: str, recipe: dict, seed: int = 0,
+          threads: int | None = None) -> dict:
+    """Fine-tune `base_model` on the concatenated tables; write adapter (or merged/full weights) to out_dir."""
+    import torch
+    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer,
+                              TrainingArguments, set_seed)
+
+    recipe = {**DEFAULT_RECIPE, **(recipe or {})}
+    if threads:
+        torch.set_num_threads(threads)
+    set_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(base_model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    examples = []
+    for path in data_paths:
+        examples += encode_table(tokenizer, read_table(path), recipe["max_length"], path)
+    n_tokens = sum(len(e["input_ids"]) for e in examples)
+    log.info("%d examples, %d tokens from %s", len(examples), n_tokens, data_paths)
+
+    dtype = getattr(torch, recipe["dtype"])
+    model = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype)
+    if recipe["method"] == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(
+            r=recipe["lora_r"], lora_alpha=recipe["lora_alpha"], lora_dropout=recipe["lora_dropout"],
+            target_modules=recipe["target_modules"], task_type="CAUSAL_LM"))
+        model.print_trainable_parameters()
+    elif recipe["method"] != "full":
+        raise ValueError(f"recipe method must be lora or full, not {recipe['method']!r}")
+
+    info: dict = {}
+    with atomic_dir(out_dir) as tmp:
+        args = TrainingArguments(
+            output_dir=str(Path(tmp) / "trainer"), num_train_epochs=recipe["epochs"],
+            learning_rate=recipe["lr"], per_device_train_batch_size=recipe["batch_size"],
+            gradient_accumulation_steps=recipe["grad_accum"], warmup_steps=recipe["warmup_ratio"],
+            lr_scheduler_type=recipe["scheduler"], weight_decay=recipe["weight_decay"],
+            logging_steps=max(1, len(examples) // (recipe["batch_size"] * recipe["grad_accum"] * 10)),
+            save_strategy="no", report_to=[], seed=seed, data_seed=seed,
+            # One loss line per logging step reads better in a job log than a progress bar.
+            disable_tqdm=True,
+            bf16=recipe["dtype"] == "bfloat16", deepspeed=recipe["deepspeed"],
+            gradient_checkpointing=recipe["gradient_checkpointing"],
+            # Batches of similar length waste less compute on padding.
+            train_sampling_strategy="group_by_length", use_cpu=not torch.cuda.is_available(),
+        )
+        trainer = Trainer(model=model, args=args, train_dataset=examples,
+                          data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True,
+                                                               label_pad_token_id=IGNORE))
+        start = time.time()
+        result = trainer.train()
+        seconds = time.time() - start
+        if trainer.is_world_process_zero():
+            final = trainer.model
+            if recipe["method"] == "lora" and recipe["merge"]:
+                final = final.merge_and_unload()
+            final.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            info = {
+                "base_model": str(base_model), "data": [str(p) for p in data_paths], "recipe": recipe,
+                "seed": seed, "examples": len(examples), "tokens": n_tokens, "train_seconds": round(seconds, 1),
+                "tokens_per_second": round(n_tokens * recipe["epochs"] / seconds, 1),
+                "train_loss": result.training_loss, "chat_template_sha256": template_hash(tokenizer),
+                "log_history": trainer.state.log_history,
+            }
+            (Path(tmp) / "train_log.json").write_text(json.dumps(info, indent=2, default=str))
+        shutil.rmtree(Path(tmp) / "trainer", ignore_errors=True)
+    return info
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--base", required=True, help="HF model folder")
+    ap.add_argument("--data", required=True, nargs="+", help="canonical Parquet training tables")
+    ap.add_argument("--output", required=True)
+    ap.add_argument("--recipe", default="{}", help="JSON object overriding the default recipe")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        info = train(args.base, args.data, args.output, json.loads(args.recipe), args.seed, args.threads)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(f"done: {info['examples']} examples, loss {info['train_loss']:.4f}, {info['train_seconds']} s, "
+          f"{info['tokens_per_second']} tokens/s")
+
+
+if __name__ == "__main__":
+    main()
