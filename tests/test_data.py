@@ -87,6 +87,13 @@ def test_question_answer_jsonl_and_gzip(tmp_path):
     assert data.read_records(gz, preset="question_answer").equals(t)
 
 
+def test_jsonl_lines_split_only_at_newlines(tmp_path):
+    # U+2028 and NEL are line breaks to str.splitlines but plain characters inside JSON strings.
+    path = tmp_path / "odd.jsonl"
+    path.write_text(json.dumps({"prompt": "a\u2028b\x85c"}, ensure_ascii=False) + "\r\n", encoding="utf-8")
+    assert convo(data.read_records(path, preset="prompt_response")) == [("user", "a\u2028b\x85c")]
+
+
 def test_prompt_response_csv_multiline_cells_and_optional_response():
     t = data.read_records(GOOD / "prompt_response.csv", preset="prompt_response",
                           fields={"category": "category"})
@@ -193,6 +200,7 @@ BAD_CASES = {
     "extra_cell.csv": (GOAL, 3, None, "has 3 fields, the header has 2"),
     "bad_quote.csv": (GOAL, 3, None, "not valid CSV"),
     "float_id.jsonl": (("--preset", "prompt_response"), 1, "id", "expected text or an integer"),
+    "empty_mapped_id.csv": (GOAL + ("--field", "id=key"), 3, "key", "empty (mapped as the id)"),
     "missing_mapped_column.jsonl": (GOAL, 2, "target", "missing (mapped column"),
 }
 

@@ -95,7 +95,8 @@ def _decode(path: Path, data: bytes) -> tuple[str, bool]:
 
 
 def _rows_jsonl(path: Path, text: str) -> Iterator[tuple[int, object]]:
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # Split on "\n" only: str.splitlines would also break at U+2028 and friends, which JSON text may hold raw.
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -138,6 +139,8 @@ def _json_items(path: Path, data: object) -> list:
 
 
 def _rows_csv(path: Path, text: str) -> Iterator[tuple[int, object]]:
+    # Dialogues and documents can exceed csv's default 128 KiB cell limit.
+    csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))
     reader = csv.reader(_stdio.StringIO(text, newline=""), strict=True)
     header: list[str] | None = None
     end = 0
@@ -221,7 +224,7 @@ def _bad_bytes(s: str) -> str:
 
 
 def resolve_mapping(preset: str | None, fields: dict[str, str | None] | None,
-                    first_row: dict | None = None) -> tuple[str, dict[str, str], set[str]]:
+                    first_row: dict | None = None) -> tuple[str, dict[str, str], list[str]]:
     """(preset name, canonical key -> column, columns the user named explicitly).
 
     Without a preset: a mapping of `messages` means the messages preset, one of `prompt` prompt_response, and
@@ -248,7 +251,7 @@ def resolve_mapping(preset: str | None, fields: dict[str, str | None] | None,
             mapping.pop(key, None)
     if "messages" in mapping and "prompt" in mapping:
         raise ValueError("map either messages or prompt (+ response), not both")
-    return preset, mapping, {c for c in fields.values() if c}
+    return preset, mapping, list(dict.fromkeys(c for c in fields.values() if c))
 
 
 def _check_options(preset: str | None, fields: dict) -> None:
@@ -260,7 +263,7 @@ def _check_options(preset: str | None, fields: dict) -> None:
 
 
 class _Mapper:
-    def __init__(self, path: Path, preset: str, mapping: dict[str, str], explicit: set[str]):
+    def __init__(self, path: Path, preset: str, mapping: dict[str, str], explicit: list[str]):
         self.path, self.mapping, self.explicit = path, mapping, explicit
         self.response_required = RESPONSE_REQUIRED.get(preset, False)
 
@@ -285,6 +288,8 @@ class _Mapper:
             if response is not None:
                 messages.append({"role": "assistant", "content": response})
         rec = {"id": self._label(row, obj, m.get("id"), "the id"), "messages": messages}
+        if rec["id"] is None and m.get("id") in self.explicit:
+            raise DataError(self.path, row, m["id"], "empty (mapped as the id)")
         for key in ("reference", "category"):
             if key in m and (m[key] in obj or m[key] in self.explicit):
                 rec[key] = self._label(row, obj, m[key], f"the {key}")

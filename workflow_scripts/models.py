@@ -46,9 +46,12 @@ def gguf_to_hf(gguf_file: Path, out_dir: Path) -> None:
     gguf_file = Path(gguf_file)
     tok = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
     model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
-    # The loader records the GGUF quantisation; saving with it fails, and the weights are dequantised anyway.
+    # The weights are dequantised on load, but the loader still records the GGUF quantisation, and a model
+    # that carries it refuses to be saved: drop both the config entry and the quantizer.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
     model.config.name_or_path = gguf_file.stem
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)

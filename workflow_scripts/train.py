@@ -75,8 +75,14 @@ def train(base_model: str, data_paths: list[str], out_dir: str, recipe: dict, se
           threads: int | None = None) -> dict:
     """Fine-tune `base_model` on the concatenated tables; write adapter (or merged/full weights) to out_dir."""
     import torch
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer,
-                              TrainingArguments, set_seed)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DataCollatorForSeq2Seq,
+        Trainer,
+        TrainingArguments,
+        set_seed,
+    )
 
     recipe = {**DEFAULT_RECIPE, **(recipe or {})}
     if threads:

@@ -1,0 +1,152 @@
+"""Workflow tests: dry-runs of every shipped config, a tiny end-to-end run, the rerun rule, real shared data."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile")]
+TINY = REPO / "tests" / "configs" / "tiny.yaml"
+
+
+def smk(workdir, *args, check=True, timeout=900):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([*SNAKEMAKE, "--directory", str(workdir), *args], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def planned_outputs(dry_run_stdout: str) -> list[str]:
+    """Output files of every job a dry run would execute."""
+    outs = []
+    for line in dry_run_stdout.splitlines():
+        m = re.match(r"\s+output: (.+)", line)
+        if m:
+            outs += [o.strip() for o in m.group(1).split(",")]
+    return outs
+
+
+@pytest.mark.parametrize("args", [
+    [],                                                                   # the demo (default target)
+    ["results/gsm8k_real6/safe_rate.json", "results/gsm8k_real6/utility.json"],  # the paper's setting
+    ["--configfile", str(TINY)],
+])
+def test_dry_run_every_shipped_config(tmp_path, args):
+    out = smk(tmp_path, "-n", *args).stdout
+    assert "Job stats" in out
+
+
+def test_paper_setting_plans_full_finetuning_with_deepspeed(tmp_path):
+    out = smk(tmp_path, "-n", "-p", "results/gsm8k_real6/safe_rate.json").stdout
+    assert "--mode real --m 6" in out
+    assert '"method": "full"' in out and "deepspeed/zero2.json" in out
+    assert "meta-llama/Llama-2-7b-chat-hf" in out
+    assert "grade-school-math" in out
+
+
+def test_rulegraph_is_dot(tmp_path):
+    out = smk(tmp_path, "-n", "--rulegraph").stdout
+    assert out.lstrip().startswith("digraph") and "preview" in out and "train" in out
+    if shutil.which("dot"):
+        svg = subprocess.run(["dot", "-Tsvg"], input=out, capture_output=True, text=True, check=True).stdout
+        assert "<svg" in svg
+
+
+def test_config_errors_name_the_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("experiments:\n  demo_vanilla:\n    model: nope\n    eval: {safe_rate: demo_harmful}\n")
+    proc = smk(tmp_path, "-n", "--configfile", str(bad), check=False)
+    assert proc.returncode != 0 and "experiments.demo_vanilla.model: unknown model 'nope'" in proc.stderr
+    bad.write_text("recipes:\n  align: {method: lora, learning_rate: 1}\n")
+    proc = smk(tmp_path, "-n", "--configfile", str(bad), check=False)
+    assert proc.returncode != 0 and "learning_rate" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("tiny_run")
+    shutil.copy(TINY, work / "tiny.yaml")
+    smk(work, "--cores", "2", "--configfile", str(work / "tiny.yaml"))
+    return work
+
+
+@pytest.mark.slow
+def test_tiny_end_to_end(tiny_run):
+    summary = (tiny_run / "results/report/summary.md").read_text()
+    for exp in ("tiny_base", "tiny_vanilla", "tiny_real6", "tiny_virtual"):
+        assert exp in summary
+        for metric in ("safe_rate", "utility"):
+            r = json.loads((tiny_run / f"results/{exp}/{metric}.json").read_text())
+            assert 0.0 <= r["value"] <= 1.0 and r["n"] > 0 and r["ci95"][0] <= r["value"] <= r["ci95"][1]
+        manifest = json.loads((tiny_run / f"results/{exp}/manifest.json").read_text())
+        assert manifest["chat_template_consistent"] and manifest["packages"]["torch"]
+    real = json.loads((tiny_run / "results/tiny_real6/safe_rate.json").read_text())
+    assert real["n_seeds"] == 2 and real["n"] == 16
+    train = pq.read_table(tiny_run / "data/tiny_real6/train.parquet").to_pylist()
+    raw = pq.read_table(tiny_run / "data/raw/tiny_math_train.parquet").to_pylist()
+    decisions = pq.read_table(tiny_run / "data/tiny_real6/steps/1_preview.decisions.parquet")
+    assert len(train) == len(raw) == decisions.num_rows
+    assert all(" The answer begins with: " in r["messages"][0]["content"] for r in train)
+    assert all(r["messages"][1] == s["messages"][1] for r, s in zip(train, raw, strict=True))
+    virtual = pq.read_table(tiny_run / "data/tiny_virtual/train.parquet").to_pylist()
+    assert all(r["messages"][1]["content"].startswith("Let's solve this problem. ") for r in virtual)
+    for rule in ("train", "generate", "preview", "score"):
+        assert list((tiny_run / "benchmarks").rglob(f"{rule}*.tsv")), rule
+
+
+@pytest.mark.slow
+def test_changing_one_preview_parameter_reruns_only_that_experiment(tiny_run):
+    assert "Nothing to be done" in smk(tiny_run, "-n", "--configfile", "tiny.yaml").stdout
+    cfg = yaml.safe_load((tiny_run / "tiny.yaml").read_text())
+    cfg["experiments"]["tiny_real6"]["methods"][0]["m"] = 3
+    (tiny_run / "changed.yaml").write_text(yaml.safe_dump(cfg))
+    outs = planned_outputs(smk(tiny_run, "-n", "--configfile", "changed.yaml").stdout)
+    touched = {o for o in outs if "tiny_real6" in o}
+    assert "data/tiny_real6/steps/1_preview.parquet" in touched
+    assert "models/tiny_real6/seed0" in touched and "models/tiny_real6/seed1" in touched
+    assert "generations/tiny_real6/seed1/tiny_harmful.parquet" in touched
+    assert "results/tiny_real6/safe_rate.json" in touched and "results/tiny_real6/utility.json" in touched
+    others = set(outs) - touched
+    assert others <= {"results/report/summary.parquet", "results/report/summary.md"}, others
+
+
+@pytest.mark.slow
+def test_real_shared_data_on_the_tiny_model(tmp_path, shared_data):
+    cfg = {
+        "threads": 1,
+        "models": {"tiny": {"source": "tiny"}},
+        "datasets": {
+            "gsm8k_slice": {"path": str(shared_data / "gsm8k/train.jsonl"), "preset": "question_answer",
+                            "limit": 24},
+            "gsm8k_test_slice": {"path": str(shared_data / "gsm8k/test.jsonl"), "preset": "question_answer",
+                                 "limit": 8},
+            "advbench_slice": {"path": str(shared_data / "advbench/harmful_behaviors.csv"),
+                               "preset": "prompt_response", "fields": {"prompt": "goal", "response": "target"},
+                               "limit": 12},
+        },
+        "recipes": {"tiny": {"method": "lora", "epochs": 1, "batch_size": 8, "max_length": 256, "lora_r": 4}},
+        "evalsets": {"adv": {"dataset": "advbench_slice", "metric": "safe_rate", "max_new_tokens": 4},
+                     "gsm": {"dataset": "gsm8k_test_slice", "metric": "gsm8k", "max_new_tokens": 4}},
+        "experiments": {"shared_real6": {"model": "tiny", "train": "gsm8k_slice", "recipe": "tiny",
+                                         "methods": [{"method": "preview", "mode": "real", "m": 6}],
+                                         "eval": {"safe_rate": "adv", "utility": "gsm"}}},
+        "report": {"experiments": ["shared_real6"]},
+    }
+    (tmp_path / "shared.yaml").write_text(yaml.safe_dump(cfg))
+    smk(tmp_path, "--cores", "2", "--configfile", "shared.yaml")
+    r = json.loads((tmp_path / "results/shared_real6/safe_rate.json").read_text())
+    assert r["n"] == 12
+    train = pq.read_table(tmp_path / "data/shared_real6/train.parquet").to_pylist()
+    assert len(train) == 24 and "####" in train[0]["messages"][1]["content"]
+    assert "The answer begins with:" in train[0]["messages"][0]["content"]
+    assert (tmp_path / "results/report/summary.md").exists()
