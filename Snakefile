@@ -1,10 +1,13 @@
 # SafeFT: fine-tune LLMs without losing their safety. See README.md for the quick start.
+import os
+
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
 
 
-configfile: "config.yaml"
+# The demo config next to this file; --configfile replaces it with yours.
+configfile: os.path.join(workflow.basedir, "config.yaml")
 
 
 validate(config, "schemas/config.schema.yaml")

@@ -37,7 +37,9 @@ rule align:
     wildcard_constraints:
         model=alternation(ALIGNED_MODELS),
     params:
-        recipe=lambda wc: json.dumps(config["recipes"][config["models"][wc.model]["recipe"]]),
+        recipe=lambda wc: json.dumps(
+            config["recipes"][config["models"][wc.model]["recipe"]], sort_keys=True
+        ),
     threads: config.get("threads", 2)
     conda:
         "../envs/cpu.yaml"

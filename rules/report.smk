@@ -11,7 +11,8 @@ rule report:
         experiments=config["report"]["experiments"],
         baseline=config["report"].get("baseline", ""),
         notes=json.dumps(
-            {e: config["experiments"][e].get("description", "") for e in config["report"]["experiments"]}
+            {e: config["experiments"][e].get("description", "") for e in config["report"]["experiments"]},
+            sort_keys=True,
         ),
         results=lambda wc, input: [p for p in input if not p.endswith("manifest.json")],
     conda:

@@ -8,7 +8,7 @@ rule train:
     output:
         directory("models/{exp}/seed{seed}"),
     params:
-        recipe=lambda wc: json.dumps(config["recipes"][exp_cfg(wc.exp)["recipe"]]),
+        recipe=lambda wc: json.dumps(config["recipes"][exp_cfg(wc.exp)["recipe"]], sort_keys=True),
     threads: config.get("threads", 2)
     conda:
         "../envs/cpu.yaml"

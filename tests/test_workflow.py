@@ -54,22 +54,35 @@ def test_paper_setting_plans_full_finetuning_with_deepspeed(tmp_path):
     assert "grade-school-math" in out
 
 
-def test_rulegraph_is_dot(tmp_path):
-    out = smk(tmp_path, "-n", "--rulegraph").stdout
-    assert out.lstrip().startswith("digraph") and "preview" in out and "train" in out
+@pytest.mark.parametrize("graph", ["--rulegraph", "--dag"])
+def test_graphs_are_valid_dot(tmp_path, graph):
+    import pydot
+
+    out = smk(tmp_path, graph).stdout
+    assert out.startswith("digraph")
+    parsed = pydot.graph_from_dot_data(out)
+    assert parsed and any("preview" in n.get_label() for n in parsed[0].get_nodes() if n.get_label())
+    # With -n, Snakemake 9 also prints "Building DAG of jobs..." on stdout: the graph is everything after it.
+    dry = smk(tmp_path, "-n", graph).stdout
+    assert sorted(dry[dry.index("digraph"):].splitlines()) == sorted(out.splitlines())
     if shutil.which("dot"):
         svg = subprocess.run(["dot", "-Tsvg"], input=out, capture_output=True, text=True, check=True).stdout
         assert "<svg" in svg
 
 
 def test_config_errors_name_the_key(tmp_path):
+    cfg = yaml.safe_load((REPO / "config.yaml").read_text())
     bad = tmp_path / "bad.yaml"
-    bad.write_text("experiments:\n  demo_vanilla:\n    model: nope\n    eval: {safe_rate: demo_harmful}\n")
+    cfg["experiments"]["demo_vanilla"]["model"] = "nope"
+    bad.write_text(yaml.safe_dump(cfg))
     proc = smk(tmp_path, "-n", "--configfile", str(bad), check=False)
-    assert proc.returncode != 0 and "experiments.demo_vanilla.model: unknown model 'nope'" in proc.stderr
-    bad.write_text("recipes:\n  align: {method: lora, learning_rate: 1}\n")
+    # in a dry run Snakemake prints its errors on stdout
+    assert proc.returncode != 0 and "experiments.demo_vanilla.model: unknown model 'nope'" in proc.stdout
+    cfg["experiments"]["demo_vanilla"]["model"] = "smollm2"
+    cfg["recipes"]["align"]["learning_rate"] = 1
+    bad.write_text(yaml.safe_dump(cfg))
     proc = smk(tmp_path, "-n", "--configfile", str(bad), check=False)
-    assert proc.returncode != 0 and "learning_rate" in proc.stderr
+    assert proc.returncode != 0 and "learning_rate" in proc.stdout
 
 
 @pytest.fixture(scope="module")
@@ -106,11 +119,11 @@ def test_tiny_end_to_end(tiny_run):
 
 @pytest.mark.slow
 def test_changing_one_preview_parameter_reruns_only_that_experiment(tiny_run):
-    assert "Nothing to be done" in smk(tiny_run, "-n", "--configfile", "tiny.yaml").stdout
+    assert "Nothing to be done" in smk(tiny_run, "-n", "--configfile", str(tiny_run / "tiny.yaml")).stdout
     cfg = yaml.safe_load((tiny_run / "tiny.yaml").read_text())
     cfg["experiments"]["tiny_real6"]["methods"][0]["m"] = 3
     (tiny_run / "changed.yaml").write_text(yaml.safe_dump(cfg))
-    outs = planned_outputs(smk(tiny_run, "-n", "--configfile", "changed.yaml").stdout)
+    outs = planned_outputs(smk(tiny_run, "-n", "--configfile", str(tiny_run / "changed.yaml")).stdout)
     touched = {o for o in outs if "tiny_real6" in o}
     assert "data/tiny_real6/steps/1_preview.parquet" in touched
     assert "models/tiny_real6/seed0" in touched and "models/tiny_real6/seed1" in touched
@@ -134,7 +147,7 @@ def test_real_shared_data_on_the_tiny_model(tmp_path, shared_data):
                                "preset": "prompt_response", "fields": {"prompt": "goal", "response": "target"},
                                "limit": 12},
         },
-        "recipes": {"tiny": {"method": "lora", "epochs": 1, "batch_size": 8, "max_length": 256, "lora_r": 4}},
+        "recipes": {"tiny": {"method": "lora", "epochs": 1, "batch_size": 8, "max_length": 1024, "lora_r": 4}},
         "evalsets": {"adv": {"dataset": "advbench_slice", "metric": "safe_rate", "max_new_tokens": 4},
                      "gsm": {"dataset": "gsm8k_test_slice", "metric": "gsm8k", "max_new_tokens": 4}},
         "experiments": {"shared_real6": {"model": "tiny", "train": "gsm8k_slice", "recipe": "tiny",
@@ -143,7 +156,7 @@ def test_real_shared_data_on_the_tiny_model(tmp_path, shared_data):
         "report": {"experiments": ["shared_real6"]},
     }
     (tmp_path / "shared.yaml").write_text(yaml.safe_dump(cfg))
-    smk(tmp_path, "--cores", "2", "--configfile", "shared.yaml")
+    smk(tmp_path, "--cores", "2", "--configfile", str(tmp_path / "shared.yaml"))
     r = json.loads((tmp_path / "results/shared_real6/safe_rate.json").read_text())
     assert r["n"] == 12
     train = pq.read_table(tmp_path / "data/shared_real6/train.parquet").to_pylist()
