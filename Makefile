@@ -23,6 +23,6 @@ test: venv
 	$(BIN)/pytest -q
 
 dag: venv
-	$(BIN)/snakemake -n --rulegraph | dot -Tsvg > dag.svg
+	$(BIN)/snakemake --rulegraph | dot -Tsvg > dag.svg
 
 .PHONY: venv demo test dag
