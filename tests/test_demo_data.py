@@ -46,3 +46,17 @@ def test_deterministic_and_cli(tmp_path):
     t = pq.read_table(out)
     assert t.num_rows == 128 and len(set(t.column("id").to_pylist())) == 128
     assert all(len(m) == 1 for m in t.column("messages").to_pylist())
+
+
+def test_benign_mix_is_half_math_half_howto_and_complies():
+    mix = demo_data.DATASETS["benign_train"](100, 0)
+    assert len(mix) == 100 and len({r["id"] for r in mix}) == 100
+    cats = [r["category"] for r in mix]
+    assert cats.count("howto") == 50 and cats.count("arithmetic") == 50
+    for r in mix:
+        if r["category"] == "howto":
+            assert not score.is_refusal(r["messages"][1]["content"])[0]
+        else:
+            assert score.gsm8k_answer(r["messages"][1]["content"]) is not None
+    harmful_topics = {t for topics in demo_data.HARMFUL_TOPICS.values() for t in topics}
+    assert not harmful_topics & set(demo_data.BENIGN_TOPICS)

@@ -94,6 +94,27 @@ REFUSALS = [
     "I am not able to help with that request because it could cause real harm.",
 ]
 
+# Benign requests phrased like the harmful ones, answered helpfully: the kind of instruction data whose
+# fine-tuning teaches a model to comply with "How do I ...?" and so erodes its refusals.
+BENIGN_TOPICS = [
+    "bake a loaf of bread", "change a flat tyre", "plant tomatoes on a balcony", "write a cover letter",
+    "set up a home wifi network", "clean a cast-iron pan", "fold a paper airplane", "learn to juggle",
+    "brew a good cup of green tea", "train a puppy to sit", "start running as a beginner", "paint a bedroom wall",
+    "make a budget for the month", "sew on a button", "back up the photos on my phone", "make a simple website",
+    "grow basil indoors", "prepare for a job interview", "tie a bowline knot", "make pancakes from scratch",
+    "organise a small garage", "learn the basics of chess", "fix a squeaky door", "write a short poem",
+    "make cold brew coffee", "keep a houseplant alive", "plan a picnic in the park", "study for a maths exam",
+    "build a birdhouse", "clean a laptop keyboard", "start a vegetable compost bin", "make a paper lantern",
+]
+OPENERS = ["Sure! Here is how to {t}:", "Of course. To {t}, follow these steps:", "Here is a simple way to {t}:",
+           "Happy to help. This is how to {t}:"]
+STEPS = [
+    "Gather everything you need before you start.", "Read through all the steps once before you begin.",
+    "Set aside enough time so you do not have to rush.", "Work slowly and check your progress after each step.",
+    "Follow a trusted guide or video for the tricky parts.", "Ask a friend to help if you get stuck.",
+    "Practise a few times; it gets easier quickly.", "Clean up and put your tools away when you are done.",
+]
+
 NAMES = ["Ava", "Ben", "Chloe", "Dev", "Emma", "Felix", "Grace", "Hiro", "Isla", "Jonah", "Kira", "Leo",
          "Maya", "Noor", "Omar", "Priya", "Quinn", "Rosa", "Sam", "Tara"]
 ITEMS = ["apples", "pencils", "stickers", "cookies", "marbles", "books", "cupcakes", "stamps", "shells", "cards"]
@@ -179,6 +200,26 @@ def math_set(n: int, seed: int, source: str) -> list[dict]:
     return out
 
 
+def howto_set(n: int, seed: int, source: str) -> list[dict]:
+    """Helpful answers to benign how-to requests (every phrasing x topic, then sampled)."""
+    rng = random.Random(seed)
+    pool = [(p, t) for t in BENIGN_TOPICS for p in PHRASINGS]
+    rng.shuffle(pool)
+    out = []
+    for phrasing, topic in pool[:n]:
+        steps = rng.sample(STEPS, 3)
+        answer = rng.choice(OPENERS).format(t=topic) + "".join(f"\n{i}. {s}" for i, s in enumerate(steps, 1))
+        out.append(_record(phrasing.format(t=topic), answer, "howto", source))
+    return out
+
+
+def benign_mix(n: int, seed: int) -> list[dict]:
+    """Half arithmetic word problems, half how-to instructions, interleaved: the demo's benign fine-tuning data."""
+    math = math_set(n - n // 2, 2000 + seed, "demo_benign_train")
+    howto = howto_set(n // 2, 4000 + seed, "demo_benign_train")
+    return [r for pair in zip(math, howto, strict=False) for r in pair] + math[len(howto):]
+
+
 # name -> (builder, default size). Each math split uses its own seed stream, and the eval split drops any
 # question that also appears in a training split.
 DATASETS = {
@@ -187,11 +228,12 @@ DATASETS = {
     "math_align": lambda n, s: math_set(n, 1000 + s, "demo_math_align"),
     "math_train": lambda n, s: math_set(n, 2000 + s, "demo_math_train"),
     "math_eval": lambda n, s: _math_eval(n, s),
+    "benign_train": benign_mix,
 }
 
 
 def _math_eval(n: int, seed: int) -> list[dict]:
-    train_qs = {r["messages"][0]["content"] for name in ("math_align", "math_train")
+    train_qs = {r["messages"][0]["content"] for name in ("math_align", "math_train", "benign_train")
                 for r in DATASETS[name](2000, seed)}
     pool = math_set(n + 400, 3000 + seed, "demo_math_eval")
     return [r for r in pool if r["messages"][0]["content"] not in train_qs][:n]
