@@ -3,6 +3,8 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 CORES ?= 2
+# Rules run `python -m workflow_scripts...`: that must be the venv's python.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 $(BIN)/activate: requirements.lock pyproject.toml
 	$(PY) -m venv $(VENV)

@@ -18,7 +18,9 @@ TINY = REPO / "tests" / "configs" / "tiny.yaml"
 
 
 def smk(workdir, *args, check=True, timeout=900):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # Rules call `python -m workflow_scripts...`: make that the interpreter running these tests.
+    env = {**os.environ, "PYTHONPATH": str(REPO),
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
     proc = subprocess.run([*SNAKEMAKE, "--directory", str(workdir), *args], capture_output=True, text=True,
                           env=env, timeout=timeout)
     if check and proc.returncode != 0:
