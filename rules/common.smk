@@ -1,6 +1,7 @@
 # Experiment lookup and input functions shared by every rule file.
 import json
 import os
+import shlex
 
 DEMO_DATASETS = [n for n, d in config["datasets"].items() if "generator" in d]
 FILE_DATASETS = [n for n, d in config["datasets"].items() if "generator" not in d]
@@ -139,13 +140,13 @@ def exp_config_subtree(exp):
     }
 
 
-# data.smk
+# used by data.smk
 def download_name(wildcards):
     url = config["datasets"][wildcards.dataset]["url"]
     return f"data/download/{wildcards.dataset}/{url.rsplit('/', 1)[-1]}"
 
 
-# data.smk
+# used by data.smk
 def normalise_input(wildcards):
     """A downloaded file, or the user's local path (declared only when it exists, so a dry run can plan an
     experiment whose gated data the user has not fetched yet; the job then fails with a clear message)."""
@@ -155,23 +156,23 @@ def normalise_input(wildcards):
     return [download_name(wildcards)]
 
 
-# data.smk
+# used by data.smk
 def normalise_args(wildcards):
     d = config["datasets"][wildcards.dataset]
     args = [f"--source {wildcards.dataset}"]
     if "path" in d:
-        args.append(f"--input {d['path']!r}")
+        args.append(f"--input {shlex.quote(d['path'])}")
     else:
-        args.append(f"--input {download_name(wildcards)!r}")
+        args.append(f"--input {shlex.quote(download_name(wildcards))}")
     for key in ("preset", "format", "limit"):
         if key in d:
             args.append(f"--{key} {d[key]}")
     for key, column in d.get("fields", {}).items():
-        args.append(f"--field {key}={column!r}")
+        args.append(f"--field {shlex.quote(f'{key}={column}')}")
     return " ".join(args)
 
 
-# generate.smk
+# used by generate.smk
 def generation_args(wildcards):
     e = config["evalsets"][wildcards.evalset]
     g = config.get("generation", {})
@@ -186,11 +187,11 @@ def generation_args(wildcards):
         args.append(f"--limit {e['limit']}")
     for key in ("base_url", "api_key_env"):
         if key in g:
-            args.append(f"--{key} {g[key]}")
+            args.append(f"--{key} {shlex.quote(str(g[key]))}")
     return " ".join(args)
 
 
-# report.smk
+# used by report.smk
 def report_results(wildcards):
     out = []
     for exp in config["report"]["experiments"]:
@@ -199,13 +200,13 @@ def report_results(wildcards):
     return out
 
 
-# score.smk
+# used by score.smk
 def metric_generations(wildcards):
     evalset = exp_evalset(wildcards.exp, wildcards.metric)
     return [f"generations/{wildcards.exp}/seed{s}/{evalset}.parquet" for s in exp_seeds(wildcards.exp)]
 
 
-# score.smk
+# used by score.smk
 def manifest_inputs(wildcards):
     x = exp_cfg(wildcards.exp)
     seeds = exp_seeds(wildcards.exp)

@@ -9,12 +9,12 @@ rule materialise_model:
     params:
         source=lambda wc: config["models"][wc.model]["source"],
         path=lambda wc: (
-            f"--path {config['models'][wc.model]['path']!r}"
+            f"--path {shlex.quote(config['models'][wc.model]['path'])}"
             if "path" in config["models"][wc.model]
             else ""
         ),
         revision=lambda wc: (
-            f"--revision {config['models'][wc.model]['revision']}"
+            f"--revision {shlex.quote(config['models'][wc.model]['revision'])}"
             if "revision" in config["models"][wc.model]
             else ""
         ),

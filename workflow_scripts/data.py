@@ -388,7 +388,8 @@ def read_records(path: str | Path, preset: str | None = None, fields: dict[str, 
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be at least 1, got {limit}")
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+        raise FileNotFoundError(f"{path}: no such file (for a dataset you supply yourself, such as gated HEx-PHI, "
+                                "download it and point the dataset's `path:` in the config at it)")
     rows = _raw_rows(path, fmt)
     mapper: _Mapper | None = None
     records: list[dict] = []
