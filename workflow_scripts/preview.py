@@ -14,6 +14,7 @@ import json
 import re
 import sys
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import pyarrow as pa
 
@@ -360,9 +361,20 @@ class _Writer:
 
 
 def load_tokenizer(path):
-    from transformers import AutoTokenizer
-
+    """The tokenizer AutoTokenizer would give. A folder whose tokenizer_config.json names TokenizersBackend is
+    loaded with that class directly: AutoTokenizer also reads the model config, which imports torch and costs
+    several seconds of start-up for the same object."""
     try:
+        cfg = json.loads((Path(path) / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        cfg = {}
+    try:
+        if cfg.get("tokenizer_class") == "TokenizersBackend":
+            from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+            return TokenizersBackend.from_pretrained(path)
+        from transformers import AutoTokenizer
+
         return AutoTokenizer.from_pretrained(path)
     except Exception as e:
         raise PreviewError("RuntimeError", f"Failed to load tokenizer from '{path}': {e}") from e
