@@ -16,7 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from workflow_scripts.io import DataError, atomic_file, read_table
+from workflow_scripts.io import DataError, atomic_file, read_table, sha256_text
 
 
 @dataclass
@@ -210,14 +210,8 @@ def generate_table(table: pa.Table, backend, params: GenParams, path: str = "<ta
             columns[key] = table.column(key).to_pylist()
     out = pa.Table.from_pydict(columns)
     meta = {"backend": backend.name, "params": asdict(params),
-            "chat_template_sha256": _sha256(backend.chat_template)}
+            "chat_template_sha256": sha256_text(backend.chat_template)}
     return out.replace_schema_metadata({"safeft": json.dumps(meta)})
-
-
-def _sha256(text: str) -> str:
-    import hashlib
-
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def main(argv: list[str] | None = None) -> None:

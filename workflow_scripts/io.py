@@ -37,6 +37,10 @@ class DataError(ValueError):
         super().__init__(f"{where}: {problem}")
 
 
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def content_id(messages: list[dict]) -> str:
     """Stable id for a record without one: a hash of its conversation."""
     blob = json.dumps([[m["role"], m["content"]] for m in messages], ensure_ascii=False)

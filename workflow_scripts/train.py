@@ -5,7 +5,6 @@ template, LoRA (peft) or full fine-tuning, fixed seeds, and an optional DeepSpee
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from workflow_scripts.io import DataError, atomic_dir, read_table
+from workflow_scripts.io import DataError, atomic_dir, read_table, sha256_text
 
 IGNORE = -100
 log = logging.getLogger("safeft.train")
@@ -31,7 +30,7 @@ DEFAULT_RECIPE = {
 
 def template_hash(tokenizer) -> str:
     """sha256 of the chat template: generation must use the one training used."""
-    return hashlib.sha256((tokenizer.chat_template or "").encode("utf-8")).hexdigest()
+    return sha256_text(tokenizer.chat_template or "")
 
 
 def encode_example(tokenizer, messages: list[dict], max_length: int) -> dict:
@@ -165,6 +164,8 @@ def main(argv: list[str] | None = None) -> None:
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    if not info:  # not the main process of a multi-GPU job
+        return
     print(f"done: {info['examples']} examples, loss {info['train_loss']:.4f}, {info['train_seconds']} s, "
           f"{info['tokens_per_second']} tokens/s")
 
