@@ -9,7 +9,9 @@ rule report:
         markdown="results/report/summary.md",
     params:
         experiments=config["report"]["experiments"],
-        baseline=config["report"].get("baseline", ""),
+        baseline=(
+            f"--baseline {config['report']['baseline']}" if "baseline" in config["report"] else ""
+        ),
         notes=json.dumps(
             {e: config["experiments"][e].get("description", "") for e in config["report"]["experiments"]},
             sort_keys=True,
@@ -23,5 +25,5 @@ rule report:
         "benchmarks/report.tsv"
     shell:
         "python -m workflow_scripts.report --results {params.results} --experiments {params.experiments} "
-        "--baseline {params.baseline} --notes_json {params.notes:q} "
+        "{params.baseline} --notes_json {params.notes:q} "
         "--parquet {output.parquet} --markdown {output.markdown} > {log} 2>&1"

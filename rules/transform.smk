@@ -38,4 +38,4 @@ rule train_data:
     benchmark:
         "benchmarks/{exp}/train_data.tsv"
     shell:
-        "python -m workflow_scripts.data --input {input} --format parquet --preset messages --output {output} > {log} 2>&1"
+        "cp {input} {output} 2> {log}"

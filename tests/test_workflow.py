@@ -111,6 +111,8 @@ def test_tiny_end_to_end(tiny_run):
     raw = pq.read_table(tiny_run / "data/raw/tiny_math_train.parquet").to_pylist()
     decisions = pq.read_table(tiny_run / "data/tiny_real6/steps/1_preview.decisions.parquet")
     assert len(train) == len(raw) == decisions.num_rows
+    vanilla = pq.read_table(tiny_run / "data/tiny_vanilla/train.parquet")
+    assert vanilla.equals(pq.read_table(tiny_run / "data/raw/tiny_math_train.parquet"))
     assert all(" The answer begins with: " in r["messages"][0]["content"] for r in train)
     assert all(r["messages"][1] == s["messages"][1] for r, s in zip(train, raw, strict=True))
     virtual = pq.read_table(tiny_run / "data/tiny_virtual/train.parquet").to_pylist()

@@ -114,12 +114,8 @@ def records_to_table(records: Iterable[dict]) -> pa.Table:
     extra = sorted({k for r in records for k in r} - {"id", "messages"})
     for key in extra:
         columns[key] = [r.get(key) for r in records]
-        fields.append(pa.field(key, OPTIONAL_COLUMNS.get(key) or _infer_type(columns[key])))
+        fields.append(pa.field(key, OPTIONAL_COLUMNS.get(key) or pa.array(columns[key]).type))
     return pa.Table.from_pydict(columns, schema=pa.schema(fields))
-
-
-def _infer_type(values: list) -> pa.DataType:
-    return pa.array(values).type
 
 
 def decisions_table(ids: list[str], kept: list[bool], reasons: list[str], scores: list[float | None]) -> pa.Table:

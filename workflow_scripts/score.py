@@ -5,6 +5,7 @@ n, a 95% bootstrap CI and a per-example Parquet; several seeds' generations of o
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 from pathlib import Path
@@ -51,11 +52,15 @@ def gsm8k_answer(text: str | None) -> str | None:
     return value[:-2] if value.endswith(".0") else value
 
 
-def rouge1(prediction: str, reference: str) -> float:
+@functools.cache
+def _rouge_scorer():
     from rouge_score import rouge_scorer
 
-    scorer = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=True)
-    return 100.0 * scorer.score(reference, prediction)["rouge1"].fmeasure
+    return rouge_scorer.RougeScorer(["rouge1"], use_stemmer=True)
+
+
+def rouge1(prediction: str, reference: str) -> float:
+    return 100.0 * _rouge_scorer().score(reference, prediction)["rouge1"].fmeasure
 
 
 def bootstrap_ci(values, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
