@@ -87,3 +87,21 @@ def test_cli_writes_json_and_examples(tmp_path):
     result = json.loads(out.read_text())
     assert result["value"] == 0.5 and result["name"] == "utility" and result["n"] == 2
     assert pq.read_table(out.with_suffix(".examples.parquet")).num_rows == 2
+
+
+def test_seed_bootstrap_widens_with_seed_spread():
+    rng = np.random.default_rng(1)
+    agree = [rng.random(100) < 0.5 for _ in range(3)]
+    disagree = [rng.random(100) < p for p in (0.2, 0.5, 0.8)]
+    lo_a, hi_a = score.seed_bootstrap_ci(agree)
+    lo_d, hi_d = score.seed_bootstrap_ci(disagree)
+    assert hi_d - lo_d > 2 * (hi_a - lo_a)
+    # One seed: the plain prompt bootstrap.
+    assert score.seed_bootstrap_ci([agree[0]]) == score.bootstrap_ci(agree[0])
+
+
+def test_summarise_reports_seed_means_and_spread():
+    out = score.summarise({"0": [1, 1, 0, 0], "1": [1, 1, 1, 1]})
+    assert out["value"] == 0.75 and out["per_seed"] == {"0": 0.5, "1": 1.0}
+    assert out["n"] == 8 and out["n_seeds"] == 2 and out["seed_sd"] > 0
+    assert out["ci95"][0] <= 0.75 <= out["ci95"][1]

@@ -65,13 +65,46 @@ def rouge1(prediction: str, reference: str) -> float:
 
 def bootstrap_ci(values, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap CI of the mean."""
-    values = np.asarray(values, dtype=float)
-    if len(values) == 0:
+    return seed_bootstrap_ci([values], n_boot, seed, level)
+
+
+def seed_bootstrap_ci(per_seed, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Two-level percentile bootstrap CI of the mean over training seeds and prompts.
+
+    Each replicate draws the seeds with replacement and the prompts with replacement, so the interval widens
+    with seed-to-seed spread as well as with the prompt sample. Seeds scored on the same prompt list share one
+    prompt draw (the prompts are one sample, not one per seed). With one seed this is the plain bootstrap.
+    """
+    arrays = [np.asarray(v, dtype=float) for v in per_seed]
+    arrays = [a for a in arrays if len(a)]
+    if not arrays:
         return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), size=(n_boot, len(values)))].mean(axis=1)
+    n_seeds = len(arrays)
+    seed_idx = rng.integers(0, n_seeds, size=(n_boot, n_seeds))
+    if len({len(a) for a in arrays}) == 1:
+        grid = np.stack(arrays)  # seeds x prompts
+        n = grid.shape[1]
+        prompt_idx = rng.integers(0, n, size=(n_boot, n))
+        means = grid[seed_idx[:, :, None], prompt_idx[:, None, :]].mean(axis=(1, 2))
+    else:
+        means = np.empty(n_boot)
+        for b in range(n_boot):
+            means[b] = np.mean([arrays[s][rng.integers(0, len(arrays[s]), len(arrays[s]))].mean()
+                                for s in seed_idx[b]])
     lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
     return float(lo), float(hi)
+
+
+def summarise(per_seed: dict, unit: str = "fraction") -> dict:
+    """Headline numbers for per-example values grouped by seed: mean of the seed means, per-seed means, n,
+    and the two-level bootstrap CI. Every metric module reports through this, so results read alike."""
+    means = {str(k): float(np.mean(v)) if len(v) else float("nan") for k, v in per_seed.items()}
+    lo, hi = seed_bootstrap_ci(list(per_seed.values()))
+    finite = [m for m in means.values() if not np.isnan(m)]
+    return {"value": float(np.mean(finite)) if finite else float("nan"), "ci95": [lo, hi],
+            "n": int(sum(len(v) for v in per_seed.values())), "n_seeds": len(per_seed), "per_seed": means,
+            "seed_sd": float(np.std(finite, ddof=1)) if len(finite) > 1 else 0.0, "unit": unit}
 
 
 def score_rows(rows: list[dict], metric: str) -> list[dict]:
@@ -99,7 +132,7 @@ def score_rows(rows: list[dict], metric: str) -> list[dict]:
 def score_files(paths: list[str], metric: str, seeds: list[int] | None = None) -> tuple[dict, pa.Table]:
     """Score each seed's generations; the headline value is the mean over all examples of all seeds."""
     seeds = seeds or list(range(len(paths)))
-    per_example, per_seed = [], {}
+    per_example = []
     settings = None
     for seed, path in zip(seeds, paths, strict=True):
         table = pq.read_table(path)
@@ -111,16 +144,14 @@ def score_files(paths: list[str], metric: str, seeds: list[int] | None = None) -
             scores = score_rows(rows, metric)
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from err
-        per_seed[str(seed)] = float(np.mean([s["value"] for s in scores])) if scores else float("nan")
         for row, s in zip(rows, scores, strict=True):
             per_example.append({"id": row["id"], "seed": seed, "category": row.get("category"),
                                 "value": s["value"], "detail": s["detail"]})
-    values = [e["value"] for e in per_example]
-    lo, hi = bootstrap_ci(values)
+    by_seed: dict = {str(seed): [] for seed in seeds}
+    for e in per_example:
+        by_seed[str(e["seed"])].append(e["value"])
     result = {
-        "metric": metric, "value": float(np.mean(values)) if values else float("nan"),
-        "ci95": [lo, hi], "n": len(values), "n_seeds": len(paths), "per_seed": per_seed,
-        "unit": "percent" if metric == "rouge1" else "fraction",
+        "metric": metric, **summarise(by_seed, "percent" if metric == "rouge1" else "fraction"),
         "rule": "keyword refusal (DESIGN.md list)" if metric == "safe_rate" else metric,
         "generation": settings,
     }
