@@ -41,6 +41,14 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def content_id(messages: list[dict]) -> str:
     """Stable id for a record without one: a hash of its conversation."""
     blob = json.dumps([[m["role"], m["content"]] for m in messages], ensure_ascii=False)

@@ -14,29 +14,21 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from workflow_scripts.io import write_json
+from workflow_scripts.io import sha256_file, write_json
 
 PACKAGES = ["torch", "transformers", "peft", "accelerate", "snakemake", "pyarrow", "numpy", "rouge-score",
             "deepspeed", "vllm", "openai"]
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def tree_sha256(path: Path) -> str:
     """Hash of a file, or of a folder's files (names and contents, sorted)."""
     path = Path(path)
     if path.is_file():
-        return file_sha256(path)
+        return sha256_file(path)
     h = hashlib.sha256()
     for f in sorted(p for p in path.rglob("*") if p.is_file()):
         h.update(str(f.relative_to(path)).encode())
-        h.update(file_sha256(f).encode())
+        h.update(sha256_file(f).encode())
     return h.hexdigest()
 
 

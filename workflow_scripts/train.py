@@ -1,5 +1,6 @@
 """Supervised fine-tuning on canonical chat data: loss on the final assistant turn only, the model's own chat
-template, LoRA (peft) or full fine-tuning, fixed seeds, and an optional DeepSpeed config passed through.
+template, LoRA (peft) or full fine-tuning, fixed seeds, DeepSpeed ZeRO when the recipe names a config, and
+periodic checkpoints so a killed or preempted job resumes where it stopped instead of starting over.
 """
 
 from __future__ import annotations
@@ -9,13 +10,14 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
 
 import pyarrow as pa
 
-from workflow_scripts.io import DataError, atomic_dir, read_table, sha256_text
+from workflow_scripts.io import DataError, read_table, sha256_file, sha256_text
 
 IGNORE = -100
 log = logging.getLogger("safeft.train")
@@ -24,7 +26,7 @@ DEFAULT_RECIPE = {
     "method": "lora", "epochs": 1, "lr": 3e-4, "batch_size": 8, "grad_accum": 1, "max_length": 512,
     "warmup_ratio": 0.0, "scheduler": "linear", "weight_decay": 0.0, "lora_r": 16, "lora_alpha": 32,
     "lora_dropout": 0.0, "target_modules": "all-linear", "merge": False, "deepspeed": None,
-    "dtype": "float32", "gradient_checkpointing": False,
+    "dtype": "float32", "gradient_checkpointing": False, "checkpoint_steps": 200,
 }
 
 
@@ -70,9 +72,63 @@ def encode_table(tokenizer, table: pa.Table, max_length: int, path: str = "<tabl
     return out
 
 
+def run_fingerprint(base_model: str, data_paths: list[str], recipe: dict, seed: int) -> str:
+    """What a checkpoint was trained on: resuming is only right when all of it is unchanged."""
+    return sha256_text(json.dumps({"base": str(base_model), "data": [sha256_file(p) for p in data_paths],
+                                   "recipe": recipe, "seed": seed}, sort_keys=True, default=str))
+
+
+def last_checkpoint(checkpoint_dir: Path, fingerprint: str) -> str | None:
+    """The newest complete checkpoint of this very run, or None. A checkpoint of another run is not resumed.
+
+    The Trainer writes trainer_state.json last, so a checkpoint without a readable one was cut off mid-save
+    (SIGKILL) and is skipped in favour of the one before it.
+    """
+    stamp = checkpoint_dir / "fingerprint.txt"
+    if not checkpoint_dir.is_dir() or not stamp.exists() or stamp.read_text() != fingerprint:
+        return None
+    found = sorted((p for p in checkpoint_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                   key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    for ckpt in found:
+        try:
+            json.loads((ckpt / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            continue
+        return str(ckpt)
+    return None
+
+
+class StopOnSignal:
+    """SIGTERM (scancel, preemption) -> save a checkpoint at the end of the current step and stop."""
+
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        self.received = False
+        outer = self
+
+        class Callback(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if outer.received:
+                    control.should_save = True
+                    control.should_training_stop = True
+                return control
+
+        self.callback = Callback()
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = True
+
+
 def train(base_model: str, data_paths: list[str], out_dir: str, recipe: dict, seed: int = 0,
-          threads: int | None = None) -> dict:
-    """Fine-tune `base_model` on the concatenated tables; write adapter (or merged/full weights) to out_dir."""
+          threads: int | None = None, checkpoint_dir: str | None = None) -> dict:
+    """Fine-tune `base_model` on the concatenated tables; write adapter (or merged/full weights) to out_dir.
+
+    Checkpoints go to `checkpoint_dir` (default: out_dir + ".checkpoints") every `checkpoint_steps` optimiser
+    steps and are resumed from when the same run is started again; the weights are assembled in
+    out_dir + ".partial" and renamed to out_dir only when complete. Under torchrun every rank calls this.
+    """
     import torch
     from transformers import (
         AutoModelForCausalLM,
@@ -84,6 +140,10 @@ def train(base_model: str, data_paths: list[str], out_dir: str, recipe: dict, se
     )
 
     recipe = {**DEFAULT_RECIPE, **(recipe or {})}
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    out = Path(out_dir)
+    staging = Path(f"{out_dir}.partial")
+    checkpoints = Path(checkpoint_dir or f"{out_dir}.checkpoints")
     if threads:
         torch.set_num_threads(threads)
     set_seed(seed)
@@ -95,6 +155,17 @@ def train(base_model: str, data_paths: list[str], out_dir: str, recipe: dict, se
         examples += encode_table(tokenizer, read_table(path), recipe["max_length"], path)
     n_tokens = sum(len(e["input_ids"]) for e in examples)
     log.info("%d examples, %d tokens from %s", len(examples), n_tokens, data_paths)
+
+    fingerprint = run_fingerprint(base_model, data_paths, recipe, seed)
+    resume = last_checkpoint(checkpoints, fingerprint)
+    if main_rank:
+        shutil.rmtree(staging, ignore_errors=True)
+        if resume is None:
+            # Checkpoints of an older run (other data, recipe or seed) must not leak into this one.
+            shutil.rmtree(checkpoints, ignore_errors=True)
+            checkpoints.mkdir(parents=True)
+            (checkpoints / "fingerprint.txt").write_text(fingerprint)
+    log.info("resuming from %s", resume) if resume else log.info("starting from step 0")
 
     dtype = getattr(torch, recipe["dtype"])
     model = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype)
@@ -108,43 +179,57 @@ def train(base_model: str, data_paths: list[str], out_dir: str, recipe: dict, se
     elif recipe["method"] != "full":
         raise ValueError(f"recipe method must be lora or full, not {recipe['method']!r}")
 
-    info: dict = {}
-    with atomic_dir(out_dir) as tmp:
-        args = TrainingArguments(
-            output_dir=str(Path(tmp) / "trainer"), num_train_epochs=recipe["epochs"],
-            learning_rate=recipe["lr"], per_device_train_batch_size=recipe["batch_size"],
-            gradient_accumulation_steps=recipe["grad_accum"], warmup_steps=recipe["warmup_ratio"],
-            lr_scheduler_type=recipe["scheduler"], weight_decay=recipe["weight_decay"],
-            logging_steps=max(1, len(examples) // (recipe["batch_size"] * recipe["grad_accum"] * 10)),
-            save_strategy="no", report_to=[], seed=seed, data_seed=seed,
-            # One loss line per logging step reads better in a job log than a progress bar.
-            disable_tqdm=True,
-            bf16=recipe["dtype"] == "bfloat16", deepspeed=recipe["deepspeed"],
-            gradient_checkpointing=recipe["gradient_checkpointing"],
-            # Batches of similar length waste less compute on padding.
-            train_sampling_strategy="group_by_length", use_cpu=not torch.cuda.is_available(),
-        )
-        trainer = Trainer(model=model, args=args, train_dataset=examples,
-                          data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True,
-                                                               label_pad_token_id=IGNORE))
-        start = time.time()
-        result = trainer.train()
-        seconds = time.time() - start
+    args = TrainingArguments(
+        output_dir=str(checkpoints), num_train_epochs=recipe["epochs"],
+        learning_rate=recipe["lr"], per_device_train_batch_size=recipe["batch_size"],
+        gradient_accumulation_steps=recipe["grad_accum"], warmup_steps=recipe["warmup_ratio"],
+        lr_scheduler_type=recipe["scheduler"], weight_decay=recipe["weight_decay"],
+        logging_steps=max(1, len(examples) // (recipe["batch_size"] * recipe["grad_accum"] * 10)),
+        # Optimiser state is kept with the weights so a resumed run continues the same trajectory.
+        save_strategy="steps" if recipe["checkpoint_steps"] else "no",
+        save_steps=recipe["checkpoint_steps"] or 500, save_total_limit=1,
+        report_to=[], seed=seed, data_seed=seed,
+        # One loss line per logging step reads better in a job log than a progress bar.
+        disable_tqdm=True,
+        bf16=recipe["dtype"] == "bfloat16", deepspeed=recipe["deepspeed"],
+        gradient_checkpointing=recipe["gradient_checkpointing"],
+        # Batches of similar length waste less compute on padding.
+        train_sampling_strategy="group_by_length", use_cpu=not torch.cuda.is_available(),
+    )
+    stop = StopOnSignal()
+    trainer = Trainer(model=model, args=args, train_dataset=examples, callbacks=[stop.callback],
+                      data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE))
+    start = time.time()
+    result = trainer.train(resume_from_checkpoint=resume)
+    seconds = time.time() - start
+    if stop.received:
+        log.info("stopped by SIGTERM at step %d; checkpoint saved in %s", trainer.state.global_step, checkpoints)
+        raise SystemExit(143)
+
+    # Every rank takes part: ZeRO-3 gathers the partitioned weights; only the main process writes.
+    if recipe["method"] == "lora" and recipe["merge"]:
         if trainer.is_world_process_zero():
-            final = trainer.model
-            if recipe["method"] == "lora" and recipe["merge"]:
-                final = final.merge_and_unload()
-            final.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            info = {
-                "base_model": str(base_model), "data": [str(p) for p in data_paths], "recipe": recipe,
-                "seed": seed, "examples": len(examples), "tokens": n_tokens, "train_seconds": round(seconds, 1),
-                "tokens_per_second": round(n_tokens * recipe["epochs"] / seconds, 1),
-                "train_loss": result.training_loss, "chat_template_sha256": template_hash(tokenizer),
-                "log_history": trainer.state.log_history,
-            }
-            (Path(tmp) / "train_log.json").write_text(json.dumps(info, indent=2, default=str))
-        shutil.rmtree(Path(tmp) / "trainer", ignore_errors=True)
+            trainer.model.merge_and_unload().save_pretrained(staging, safe_serialization=True)
+    else:
+        trainer.save_model(str(staging))
+    if not trainer.is_world_process_zero():
+        return {}
+    tokenizer.save_pretrained(staging)
+    info = {
+        "base_model": str(base_model), "data": [str(p) for p in data_paths], "recipe": recipe,
+        "seed": seed, "examples": len(examples), "tokens": n_tokens, "train_seconds": round(seconds, 1),
+        "tokens_per_second": round(n_tokens * recipe["epochs"] / seconds, 1) if not resume else None,
+        "resumed_from": Path(resume).name if resume else None, "global_step": trainer.state.global_step,
+        "world_size": trainer.args.world_size,
+        "train_loss": result.training_loss, "chat_template_sha256": template_hash(tokenizer),
+        "log_history": trainer.state.log_history,
+    }
+    (staging / "train_log.json").write_text(json.dumps(info, indent=2, default=str))
+    (staging / "training_args.bin").unlink(missing_ok=True)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(staging, out)
+    shutil.rmtree(checkpoints, ignore_errors=True)
     return info
 
 
@@ -156,11 +241,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--recipe", default="{}", help="JSON object overriding the default recipe")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--checkpoint_dir", default=None, help="default: OUTPUT.checkpoints")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        info = train(args.base, args.data, args.output, json.loads(args.recipe), args.seed, args.threads)
+        info = train(args.base, args.data, args.output, json.loads(args.recipe), args.seed, args.threads,
+                     args.checkpoint_dir)
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
