@@ -215,3 +215,4 @@ def manifest_inputs(wildcards):
     models = [f"models/{wildcards.exp}/seed{s}" for s in seeds] if "train" in x else []
     gens = [f"generations/{wildcards.exp}/seed{s}/{e}.parquet" for s in seeds for e in x["eval"].values()]
     return {"data": data, "models": models, "generations": gens}
+

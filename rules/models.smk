@@ -40,6 +40,7 @@ rule align:
         recipe=lambda wc: json.dumps(
             config["recipes"][config["models"][wc.model]["recipe"]], sort_keys=True
         ),
+        checkpoints="checkpoints/base/{model}",
     threads: config.get("threads", 2)
     conda:
         "../envs/cpu.yaml"
@@ -49,4 +50,4 @@ rule align:
         "benchmarks/models/{model}.tsv"
     shell:
         "python -m workflow_scripts.train --base {input.base} --data {input.data} --recipe {params.recipe:q} --seed 0 "
-        "--threads {threads} --output {output} > {log} 2>&1"
+        "--threads {threads} --output {output} --checkpoint_dir {params.checkpoints} > {log} 2>&1"

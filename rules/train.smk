@@ -9,6 +9,7 @@ rule train:
         directory("models/{exp}/seed{seed}"),
     params:
         recipe=lambda wc: json.dumps(config["recipes"][exp_cfg(wc.exp)["recipe"]], sort_keys=True),
+        checkpoints="checkpoints/{exp}/seed{seed}",
     threads: config.get("threads", 2)
     conda:
         "../envs/cpu.yaml"
@@ -18,4 +19,5 @@ rule train:
         "benchmarks/{exp}/train_seed{seed}.tsv"
     shell:
         "python -m workflow_scripts.train --base {input.base} --data {input.data} --recipe {params.recipe:q} "
-        "--seed {wildcards.seed} --threads {threads} --output {output} > {log} 2>&1"
+        "--seed {wildcards.seed} --threads {threads} --output {output} --checkpoint_dir {params.checkpoints} "
+        "> {log} 2>&1"

@@ -92,12 +92,13 @@ def test_deepspeed_full_finetune_on_cpu(tiny_model_dir, tmp_path, stage):
     repo = Path(__file__).resolve().parents[1]
     recipe = {"method": "full", "epochs": 1, "batch_size": 4, "lr": 1e-3, "max_length": 64,
               "deepspeed": str(repo / "deepspeed" / f"zero{stage}.json")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-           "-m", "workflow_scripts.train", "--base", str(tiny_model_dir), "--data", str(data), "--output", str(out),
-           "--recipe", json.dumps(recipe), "--threads", "1"]
+    # The plain CLI, as the rule runs it: it relaunches itself under torchrun because the recipe names DeepSpeed.
+    cmd = [sys.executable, "-m", "workflow_scripts.train", "--base", str(tiny_model_dir), "--data", str(data),
+           "--output", str(out), "--recipe", json.dumps(recipe), "--threads", "1"]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "launching:" in proc.stdout and "torch.distributed.run" in proc.stdout
     log = json.loads((out / "train_log.json").read_text())
     assert log["recipe"]["deepspeed"].endswith(f"zero{stage}.json") and log["world_size"] == 1
     losses = [h["loss"] for h in log["log_history"] if "loss" in h]
@@ -107,3 +108,13 @@ def test_deepspeed_full_finetune_on_cpu(tiny_model_dir, tmp_path, stage):
 
     model = AutoModelForCausalLM.from_pretrained(out)  # the saved weights load as a full model
     assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_launch_command_one_process_per_gpu():
+    argv = ["--base", "b", "--data", "d", "--output", "o"]
+    assert train.launch_command(argv, {"method": "lora"}, 0) is None
+    assert train.launch_command(argv, {"method": "lora"}, 1) is None
+    cmd = train.launch_command(argv, {"method": "full", "deepspeed": "deepspeed/zero2.json"}, 4)
+    assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4"]
+    assert cmd[-6:] == argv
+    assert train.launch_command(argv, {"deepspeed": "z.json"}, 0)[5] == "1"

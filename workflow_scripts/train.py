@@ -233,6 +233,19 @@ def train(base_model: str, data_paths: list[str], out_dir: str, recipe: dict, se
     return info
 
 
+def launch_command(argv: list[str], recipe: dict, n_gpus: int) -> list[str] | None:
+    """The torchrun command that re-runs this CLI with one process per GPU, or None to train in this process.
+
+    The GPU count is what the job was given (SLURM's gres sets the visible devices), not a config value, so one
+    rule runs unchanged on a laptop and on a 4-GPU node. DeepSpeed needs the distributed environment that torchrun
+    sets up even for a single process.
+    """
+    if os.environ.get("RANK") is not None or (n_gpus <= 1 and not recipe.get("deepspeed")):
+        return None
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(max(n_gpus, 1)),
+            "-m", "workflow_scripts.train", *argv]
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--base", required=True, help="HF model folder")
@@ -243,10 +256,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--checkpoint_dir", default=None, help="default: OUTPUT.checkpoints")
     args = ap.parse_args(argv)
+    recipe = json.loads(args.recipe)
+    import torch
+
+    command = launch_command(sys.argv[1:] if argv is None else argv, recipe, torch.cuda.device_count())
+    if command:
+        print("launching:", " ".join(command), flush=True)
+        os.execv(command[0], command)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        info = train(args.base, args.data, args.output, json.loads(args.recipe), args.seed, args.threads,
+        info = train(args.base, args.data, args.output, recipe, args.seed, args.threads,
                      args.checkpoint_dir)
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
