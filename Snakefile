@@ -13,10 +13,14 @@ configfile: os.path.join(workflow.basedir, "config.yaml")
 validate(config, "schemas/config.schema.yaml")
 
 
+report: "report/workflow.rst"
+
+
 include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/models.smk"
 include: "rules/transform.smk"
+include: "rules/realign.smk"
 include: "rules/train.smk"
 include: "rules/generate.smk"
 include: "rules/score.smk"
@@ -27,3 +31,14 @@ rule all:
     input:
         "results/report/summary.md",
     default_target: True
+
+
+onsuccess:
+    # The summary table in the terminal, when this run left it current (rich).
+    if os.path.exists("results/report/summary.parquet"):
+        try:
+            from workflow_scripts.report import print_summary
+        except ImportError:
+            print("summary: results/report/summary.md")
+        else:
+            print_summary("results/report/summary.parquet", inputs=report_results(None))

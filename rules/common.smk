@@ -4,7 +4,7 @@ import os
 import shlex
 
 DEMO_DATASETS = [n for n, d in config["datasets"].items() if "generator" in d]
-FILE_DATASETS = [n for n, d in config["datasets"].items() if "generator" not in d]
+FILE_DATASETS = [n for n, d in config["datasets"].items() if "url" in d or "path" in d]
 ALIGNED_MODELS = [n for n, m in config["models"].items() if m["source"] == "align"]
 PLAIN_MODELS = [n for n, m in config["models"].items() if m["source"] != "align"]
 
@@ -46,9 +46,19 @@ def check_config():
                 problems.append(f"experiments.{name}.recipe: unknown recipe {x.get('recipe')!r}")
         elif x.get("methods"):
             problems.append(f"experiments.{name}.methods: methods need training data (`train`)")
-        for metric, ev in x["eval"].items():
-            if ev not in evalsets:
-                problems.append(f"experiments.{name}.eval.{metric}: unknown evalset {ev!r}")
+        for metric, entry in x["eval"].items():
+            problems += check_eval_entry(name, metric, entry)
+    families = {}
+    for name, x in config["experiments"].items() if not problems else []:
+        for metric in x["eval"]:
+            family = metric_family(name, metric)
+            if families.setdefault(metric, family) != family:
+                problems.append(f"experiments.{name}.eval.{metric}: metric name {metric!r} is scored by "
+                                f"{family} here and by {families[metric]} elsewhere; give them different names")
+    for name, step in all_steps("realign"):
+        for role in ("classifier", "rewriter"):
+            if f"{role}_model" not in step:
+                problems.append(f"experiments.{name}.methods: realign needs `{role}_model`")
     for name in config["report"]["experiments"] + [config["report"].get("baseline")]:
         if name is not None and name not in config["experiments"]:
             problems.append(f"report: unknown experiment {name!r}")
@@ -56,7 +66,57 @@ def check_config():
         raise ValueError("config.yaml: " + "; ".join(problems))
 
 
+def check_eval_entry(exp, metric, entry):
+    where = f"experiments.{exp}.eval.{metric}"
+    spec = {"evalset": entry} if isinstance(entry, str) else entry
+    if spec["evalset"] not in config["evalsets"]:
+        return [f"{where}: unknown evalset {spec['evalset']!r}"]
+    scorer = spec.get("metric") or config["evalsets"][spec["evalset"]]["metric"]
+    problems = []
+    if scorer in ("judge_harmfulness", "win_rate") and spec.get("judge") not in config.get("judges", {}):
+        problems.append(f"{where}.judge: {scorer} needs a judge from `judges` (got {spec.get('judge')!r})")
+    if scorer == "win_rate" and spec.get("baseline") not in config["experiments"]:
+        problems.append(f"{where}.baseline: win_rate needs a baseline experiment (got {spec.get('baseline')!r})")
+    if scorer == "bbq" and "bbq" not in config["datasets"][config["evalsets"][spec["evalset"]]["dataset"]]:
+        problems.append(f"{where}: bbq scoring needs an evalset whose dataset is a `bbq:` folder")
+    if scorer == "toxicity" and "toxicity" not in config:
+        problems.append(f"{where}: toxicity needs the top-level `toxicity` section (checkpoint or model_type)")
+    return problems
+
+
+def all_steps(method):
+    return [(name, step) for name, x in config["experiments"].items() for step in x.get("methods", [])
+            if step["method"] == method]
+
+
+# scorer (evalset `metric`, or an eval entry's own `metric`) -> the rule that computes it
+SCORER_RULES = {"safe_rate": "score", "over_refusal": "score", "gsm8k": "score", "rouge1": "score",
+                "judge_harmfulness": "judge", "win_rate": "judge_winrate", "toxicity": "toxicity",
+                "bbq": "bbq_score"}
+
+
+def eval_spec(exp, metric):
+    """An experiment's eval entry as a dict: evalset, scorer (`metric`), and judge/baseline where they apply."""
+    try:
+        entry = config["experiments"][exp]["eval"][metric]
+    except KeyError:
+        raise ValueError(f"experiment {exp!r} has no eval.{metric} in config.yaml")
+    spec = {"evalset": entry} if isinstance(entry, str) else dict(entry)
+    spec.setdefault("metric", config["evalsets"][spec["evalset"]]["metric"])
+    return spec
+
+
+def metric_family(exp, metric):
+    return SCORER_RULES[eval_spec(exp, metric)["metric"]]
+
+
 check_config()
+# metric names per scoring rule, for the rules' wildcard constraints (check_config made them unambiguous)
+METRICS_BY_RULE = {}
+for _exp, _x in config["experiments"].items():
+    for _metric in _x["eval"]:
+        METRICS_BY_RULE.setdefault(metric_family(_exp, _metric), set()).add(_metric)
+BBQ_DATASETS = [n for n, d in config["datasets"].items() if "bbq" in d]
 
 
 wildcard_constraints:
@@ -115,10 +175,11 @@ def generation_model(wildcards):
 
 
 def exp_evalset(exp, metric):
-    try:
-        return exp_cfg(exp)["eval"][metric]
-    except KeyError:
-        raise ValueError(f"experiment {exp!r} has no eval.{metric} in config.yaml")
+    return eval_spec(exp, metric)["evalset"]
+
+
+def exp_evalsets(exp):
+    return list(dict.fromkeys(exp_evalset(exp, m) for m in exp_cfg(exp)["eval"]))
 
 
 def exp_config_subtree(exp):
@@ -128,14 +189,15 @@ def exp_config_subtree(exp):
     models = {x["model"]: model}
     if model["source"] == "align":
         models[model["base"]] = config["models"][model["base"]]
-    datasets = [x.get("train")] + [config["evalsets"][e]["dataset"] for e in x["eval"].values()]
+    datasets = [x.get("train")] + [config["evalsets"][e]["dataset"] for e in exp_evalsets(exp)]
     datasets += model.get("data", [])
     return {
         "experiment": x,
         "models": models,
         "datasets": {d: config["datasets"][d] for d in datasets if d},
         "recipe": config["recipes"].get(x.get("recipe")),
-        "evalsets": {e: config["evalsets"][e] for e in x["eval"].values()},
+        "evalsets": {e: config["evalsets"][e] for e in exp_evalsets(exp)},
+        "judges": {j: config["judges"][j] for j in exp_judges(exp)},
         "seeds": exp_seeds(exp),
     }
 
@@ -185,9 +247,12 @@ def generation_args(wildcards):
     ]
     if "limit" in e:
         args.append(f"--limit {e['limit']}")
-    for key in ("base_url", "api_key_env"):
+    for key in ("base_url", "api_key_env", "concurrency", "timeout", "max_retries"):
         if key in g:
             args.append(f"--{key} {shlex.quote(str(g[key]))}")
+    if g.get("cache"):
+        # Beside the output, not declared: answers survive a failed or killed job for the rerun.
+        args.append("--cache cache/generations/{exp}/seed{seed}/{evalset}.sqlite".format(**wildcards))
     return " ".join(args)
 
 
@@ -211,8 +276,104 @@ def manifest_inputs(wildcards):
     x = exp_cfg(wildcards.exp)
     seeds = exp_seeds(wildcards.exp)
     data = ["data/{exp}/train.parquet".format(**wildcards)] if "train" in x else []
-    data += [raw(config["evalsets"][e]["dataset"]) for e in x["eval"].values()]
+    data += [raw(config["evalsets"][e]["dataset"]) for e in exp_evalsets(wildcards.exp)]
     models = [f"models/{wildcards.exp}/seed{s}" for s in seeds] if "train" in x else []
-    gens = [f"generations/{wildcards.exp}/seed{s}/{e}.parquet" for s in seeds for e in x["eval"].values()]
+    gens = [f"generations/{wildcards.exp}/seed{s}/{e}.parquet" for s in seeds for e in exp_evalsets(wildcards.exp)]
     return {"data": data, "models": models, "generations": gens}
 
+
+
+def exp_judges(exp):
+    return sorted({s["judge"] for s in (eval_spec(exp, m) for m in exp_cfg(exp)["eval"]) if "judge" in s})
+
+
+def model_or_api(name):
+    """A model named in config `models` is its materialised folder; anything else is an API model name."""
+    return f"models/base/{name}" if name in config["models"] else name
+
+
+# used by score.smk
+def judge_inputs(wildcards):
+    spec = eval_spec(wildcards.exp, wildcards.metric)
+    judge = config["judges"][spec["judge"]]
+    files = {"generations": metric_generations(wildcards)}
+    if judge["model"] in config["models"]:
+        files["judge_model"] = model_or_api(judge["model"])
+    if spec["metric"] == "win_rate":
+        files["baseline"] = [f"generations/{spec['baseline']}/seed{s}/{spec['evalset']}.parquet"
+                             for s in exp_seeds(spec["baseline"])]
+    return files
+
+
+# used by score.smk
+def judge_args(wildcards):
+    spec = eval_spec(wildcards.exp, wildcards.metric)
+    judge = config["judges"][spec["judge"]]
+    args = [f"--backend {judge.get('backend', 'hf')}", f"--model {shlex.quote(model_or_api(judge['model']))}",
+            "--cache cache/judge/{exp}/{metric}.sqlite".format(**wildcards)]
+    for key in ("base_url", "api_key_env", "max_new_tokens", "batch_size", "temperature", "prompt"):
+        if key in judge:
+            args.append(f"--{key} {shlex.quote(str(judge[key]))}")
+    return " ".join(args)
+
+
+# used by score.smk
+def toxicity_files(wildcards):
+    """Inputs and (checkpoint, backbone) arguments: the user's local copies, or an official release that the
+    toxicity_model rule fetches into models/detoxify/{model_type}/."""
+    t = config["toxicity"]
+    if "checkpoint" in t:
+        return {"inputs": [t["checkpoint"], t["backbone"]], "checkpoint": t["checkpoint"], "backbone": t["backbone"]}
+    from workflow_scripts.toxicity import MODEL_URLS
+
+    model_type = t.get("model_type", "original")
+    folder = f"models/detoxify/{model_type}"
+    return {"inputs": [folder], "checkpoint": f"{folder}/{MODEL_URLS[model_type].rsplit('/', 1)[1]}",
+            "backbone": f"{folder}/{model_type}-backbone"}
+
+
+# used by score.smk
+def bbq_eval_set(wildcards):
+    return raw(config["evalsets"][exp_evalset(wildcards.exp, wildcards.metric)]["dataset"])
+
+
+# used by realign.smk
+REALIGN_FLAGS = ("classifier_backend", "classifier_base_url", "classifier_api_key_env", "rewriter_backend",
+                 "rewriter_base_url", "rewriter_api_key_env", "base_url", "api_key_env", "retriever",
+                 "corpus_field", "serper_url", "serper_key_env", "n", "max_new_tokens", "temperature", "top_p",
+                 "seed", "concurrency", "timeout", "max_retries")
+
+
+def realign_model(wildcards, role):
+    return model_or_api(step_options(wildcards)[f"{role}_model"])
+
+
+def realign_tokenizer(wildcards):
+    tok = step_options(wildcards).get("tokenizer")
+    return base_model(wildcards.exp) if tok == "base" else tok
+
+
+def realign_files(wildcards):
+    """Local files the shard job reads: the shard, local models, the tokenizer folder and the BM25 corpus."""
+    opts = step_options(wildcards)
+    files = {"shard": "data/{exp}/steps/{i}_realign/in_{scatteritem}.parquet".format(**wildcards)}
+    for role in ("classifier", "rewriter"):
+        if opts[f"{role}_model"] in config["models"]:
+            files[role] = realign_model(wildcards, role)
+    if realign_tokenizer(wildcards):
+        files["tokenizer"] = realign_tokenizer(wildcards)
+    if opts.get("retriever") == "bm25":
+        files["corpus"] = opts["corpus"]
+    return files
+
+
+def realign_args(wildcards):
+    opts = step_options(wildcards)
+    args = [f"--classifier_model {shlex.quote(realign_model(wildcards, 'classifier'))}",
+            f"--rewriter_model {shlex.quote(realign_model(wildcards, 'rewriter'))}"]
+    args += [f"--{key} {shlex.quote(str(opts[key]))}" for key in REALIGN_FLAGS if key in opts]
+    if realign_tokenizer(wildcards):
+        args.append(f"--tokenizer {shlex.quote(realign_tokenizer(wildcards))}")
+    if opts.get("retriever") == "bm25":
+        args.append(f"--corpus {shlex.quote(opts['corpus'])}")
+    return " ".join(args)

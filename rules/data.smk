@@ -53,3 +53,26 @@ rule normalise:
         "benchmarks/data/{dataset}.tsv"
     shell:
         "python -m workflow_scripts.data {params.args} --output {output} > {log} 2>&1"
+
+
+rule bbq_prepare:
+    input:
+        lambda wc: config["datasets"][wc.dataset]["bbq"],
+    output:
+        "data/raw/{dataset}.parquet",
+    wildcard_constraints:
+        dataset=alternation(BBQ_DATASETS),
+    params:
+        per_category=lambda wc: (
+            f"--per_category {config['datasets'][wc.dataset]['limit']}"
+            if "limit" in config["datasets"][wc.dataset]
+            else ""
+        ),
+    conda:
+        "../envs/cpu.yaml"
+    log:
+        "logs/data/{dataset}.log",
+    benchmark:
+        "benchmarks/data/{dataset}.tsv"
+    shell:
+        "python -m workflow_scripts.bbq prepare --input {input} {params.per_category} --output {output} > {log} 2>&1"

@@ -51,3 +51,16 @@ rule align:
     shell:
         "python -m workflow_scripts.train --base {input.base} --data {input.data} --recipe {params.recipe:q} --seed 0 "
         "--threads {threads} --output {output} --checkpoint_dir {params.checkpoints} > {log} 2>&1"
+
+
+rule toxicity_model:
+    output:
+        directory("models/detoxify/{model_type}"),
+    conda:
+        "../envs/cpu.yaml"
+    log:
+        "logs/models/detoxify_{model_type}.log",
+    benchmark:
+        "benchmarks/models/detoxify_{model_type}.tsv"
+    shell:
+        "python -m workflow_scripts.toxicity download --model_type {wildcards.model_type} --out {output} > {log} 2>&1"

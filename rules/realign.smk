@@ -1,54 +1,8 @@
 # ReAlign: split the step's input into shards by id hash, classify + retrieve + rewrite + filter each shard
 # (one job per shard, each with its own request cache so a killed job resumes where it stopped), merge them back.
 # The shard count is workflow-wide (Snakemake's scattergather): config key `realign_shards` or --set-scatter.
-import shlex
-
-
 scattergather:
     realign=config.get("realign_shards", 4),
-
-
-REALIGN_FLAGS = ("classifier_backend", "classifier_base_url", "classifier_api_key_env", "rewriter_backend",
-                 "rewriter_base_url", "rewriter_api_key_env", "base_url", "api_key_env", "retriever",
-                 "corpus_field", "serper_url", "serper_key_env", "n", "max_new_tokens", "temperature", "top_p",
-                 "seed", "concurrency", "timeout", "max_retries")
-
-
-def realign_model(wildcards, role):
-    """A model named in config `models` is its materialised folder; anything else (an API model) as written."""
-    name = step_options(wildcards)[f"{role}_model"]
-    return f"models/base/{name}" if name in config["models"] else name
-
-
-def realign_tokenizer(wildcards):
-    tok = step_options(wildcards).get("tokenizer")
-    return base_model(wildcards.exp) if tok == "base" else tok
-
-
-def realign_files(wildcards):
-    """Local files the shard job reads: the shard, local models, the tokenizer folder and the BM25 corpus."""
-    opts = step_options(wildcards)
-    files = {"shard": "data/{exp}/steps/{i}_realign/in_{scatteritem}.parquet".format(**wildcards)}
-    for role in ("classifier", "rewriter"):
-        if opts[f"{role}_model"] in config["models"]:
-            files[role] = realign_model(wildcards, role)
-    if realign_tokenizer(wildcards):
-        files["tokenizer"] = realign_tokenizer(wildcards)
-    if opts.get("retriever") == "bm25":
-        files["corpus"] = opts["corpus"]
-    return files
-
-
-def realign_args(wildcards):
-    opts = step_options(wildcards)
-    args = [f"--classifier_model {shlex.quote(realign_model(wildcards, 'classifier'))}",
-            f"--rewriter_model {shlex.quote(realign_model(wildcards, 'rewriter'))}"]
-    args += [f"--{key} {shlex.quote(str(opts[key]))}" for key in REALIGN_FLAGS if key in opts]
-    if realign_tokenizer(wildcards):
-        args.append(f"--tokenizer {shlex.quote(realign_tokenizer(wildcards))}")
-    if opts.get("retriever") == "bm25":
-        args.append(f"--corpus {shlex.quote(opts['corpus'])}")
-    return " ".join(args)
 
 
 rule realign_split:

@@ -1,4 +1,5 @@
-# score: results/{exp}/{metric}.json (value, n, 95% CI, per seed) and the experiment's manifest.
+# score: results/{exp}/{metric}.json (value, n, 95% CI over seeds and prompts, per seed) + per-example Parquet,
+# one rule per kind of scorer, and the experiment's manifest.
 
 
 rule score:
@@ -8,9 +9,9 @@ rule score:
         result="results/{exp}/{metric}.json",
         examples="results/{exp}/{metric}.examples.parquet",
     wildcard_constraints:
-        metric=r"(?!manifest)[a-z0-9_]+",
+        metric=alternation(METRICS_BY_RULE.get("score", [])),
     params:
-        scorer=lambda wc: config["evalsets"][exp_evalset(wc.exp, wc.metric)]["metric"],
+        scorer=lambda wc: eval_spec(wc.exp, wc.metric)["metric"],
         seeds=lambda wc: " ".join(str(s) for s in exp_seeds(wc.exp)),
     conda:
         "../envs/cpu.yaml"
@@ -21,6 +22,101 @@ rule score:
     shell:
         "python -m workflow_scripts.score --generations {input} --seeds {params.seeds} --metric {params.scorer} "
         "--name {wildcards.metric} --output {output.result} > {log} 2>&1"
+
+
+rule judge:
+    input:
+        unpack(judge_inputs),
+    output:
+        result="results/{exp}/{metric}.json",
+        examples="results/{exp}/{metric}.examples.parquet",
+    wildcard_constraints:
+        metric=alternation(METRICS_BY_RULE.get("judge", [])),
+    params:
+        args=judge_args,
+        seeds=lambda wc: " ".join(str(s) for s in exp_seeds(wc.exp)),
+    threads: config.get("threads", 2)
+    conda:
+        "../envs/cpu.yaml"
+    log:
+        "logs/{exp}/judge_{metric}.log",
+    benchmark:
+        "benchmarks/{exp}/judge_{metric}.tsv"
+    shell:
+        "python -m workflow_scripts.judge harmfulness --generations {input.generations} --seeds {params.seeds} "
+        "{params.args} --threads {threads} --name {wildcards.metric} --output {output.result} > {log} 2>&1"
+
+
+rule judge_winrate:
+    input:
+        unpack(judge_inputs),
+    output:
+        result="results/{exp}/{metric}.json",
+        examples="results/{exp}/{metric}.examples.parquet",
+    wildcard_constraints:
+        metric=alternation(METRICS_BY_RULE.get("judge_winrate", [])),
+    params:
+        args=judge_args,
+        seeds=lambda wc: " ".join(str(s) for s in exp_seeds(wc.exp)),
+    threads: config.get("threads", 2)
+    conda:
+        "../envs/cpu.yaml"
+    log:
+        "logs/{exp}/judge_winrate_{metric}.log",
+    benchmark:
+        "benchmarks/{exp}/judge_winrate_{metric}.tsv"
+    shell:
+        "python -m workflow_scripts.judge winrate --generations {input.generations} --seeds {params.seeds} "
+        "--baseline_generations {input.baseline} {params.args} --threads {threads} --name {wildcards.metric} "
+        "--output {output.result} > {log} 2>&1"
+
+
+rule toxicity:
+    input:
+        generations=metric_generations,
+        classifier=lambda wc: toxicity_files(wc)["inputs"],
+    output:
+        result="results/{exp}/{metric}.json",
+        examples="results/{exp}/{metric}.examples.parquet",
+    wildcard_constraints:
+        metric=alternation(METRICS_BY_RULE.get("toxicity", [])),
+    params:
+        seeds=lambda wc: " ".join(str(s) for s in exp_seeds(wc.exp)),
+        checkpoint=lambda wc: toxicity_files(wc)["checkpoint"],
+        backbone=lambda wc: toxicity_files(wc)["backbone"],
+    threads: config.get("threads", 2)
+    conda:
+        "../envs/cpu.yaml"
+    log:
+        "logs/{exp}/toxicity_{metric}.log",
+    benchmark:
+        "benchmarks/{exp}/toxicity_{metric}.tsv"
+    shell:
+        "python -m workflow_scripts.toxicity score --generations {input.generations} --seeds {params.seeds} "
+        "--checkpoint {params.checkpoint} --backbone {params.backbone} --threads {threads} "
+        "--name {wildcards.metric} --output {output.result} > {log} 2>&1"
+
+
+rule bbq_score:
+    input:
+        generations=metric_generations,
+        eval_set=bbq_eval_set,
+    output:
+        result="results/{exp}/{metric}.json",
+        examples="results/{exp}/{metric}.examples.parquet",
+    wildcard_constraints:
+        metric=alternation(METRICS_BY_RULE.get("bbq_score", [])),
+    params:
+        seeds=lambda wc: " ".join(str(s) for s in exp_seeds(wc.exp)),
+    conda:
+        "../envs/cpu.yaml"
+    log:
+        "logs/{exp}/bbq_{metric}.log",
+    benchmark:
+        "benchmarks/{exp}/bbq_{metric}.tsv"
+    shell:
+        "python -m workflow_scripts.bbq score --generations {input.generations} --seeds {params.seeds} "
+        "--eval_set {input.eval_set} --name {wildcards.metric} --output {output.result} > {log} 2>&1"
 
 
 rule manifest:

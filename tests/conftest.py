@@ -1,9 +1,12 @@
-"""Shared fixtures: the tiny random Llama, the demo tokenizer, and the path to ../shared/data."""
+"""Shared fixtures: the tiny random Llama, the demo tokenizer, the path to ../shared/data, and one finished tiny
+end-to-end workflow run that the workflow, rerun and report tests share."""
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
+from smk_helpers import TINY, smk
 
 from workflow_scripts import models
 
@@ -38,3 +41,12 @@ def shared_data() -> Path:
             pytest.fail(f"CI needs {SHARED_DATA} beside the checkout")
         pytest.skip(f"{SHARED_DATA} not present (only CI and the developers' machines have ../shared)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """The whole tiny experiment set (tests/configs/tiny.yaml) run to the report in a scratch directory."""
+    work = tmp_path_factory.mktemp("tiny_run")
+    shutil.copy(TINY, work / "tiny.yaml")
+    smk(work, "--cores", "2", "--configfile", str(work / "tiny.yaml"))
+    return work

@@ -5,14 +5,12 @@ import json
 import math
 import os
 import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from smk_helpers import smk
 
 from workflow_scripts import manifest, report
 from workflow_scripts.io import DataError
@@ -168,6 +166,11 @@ def test_cli_writes_everything_and_prints(results, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "SafeFT summary" in printed and "base (ref)" in printed and "Δ+5.0 pp †" in printed
     assert "Δ−30.0 pp" in printed and "not separated" in printed
+    # a result newer than the summary: a warning instead of a stale table
+    later = os.path.getmtime(out / "summary.parquet") + 10
+    os.utime(results[2], (later, later))
+    assert not report.print_summary(out / "summary.parquet", inputs=results)
+    assert "is older than" in capsys.readouterr().out
 
 
 def test_scatter_needs_both_metrics(tmp_path):
@@ -214,26 +217,15 @@ def test_manifest_hashes_and_template_check(tmp_path):
     assert not m["chat_template_consistent"]
 
 
-def smk(workdir, *args):
-    env = {**os.environ, "PYTHONPATH": str(REPO),
-           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
-    proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory",
-                           str(workdir), *args], capture_output=True, text=True, env=env, timeout=1800)
-    assert proc.returncode == 0, f"snakemake {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    return proc
-
-
 @pytest.mark.slow
-def test_html_report_from_a_tiny_run(tmp_path):
-    shutil.copy(REPO / "tests/configs/tiny.yaml", tmp_path / "tiny.yaml")
-    cfg = ["--configfile", str(tmp_path / "tiny.yaml")]
-    smk(tmp_path, "--cores", "2", *cfg)
-    out = tmp_path / "results/report"
+def test_html_report_from_a_tiny_run(tiny_run, tmp_path):
+    cfg = ["--configfile", str(tiny_run / "tiny.yaml")]
+    out = tiny_run / "results/report"
     for name in ("summary.parquet", "summary.md", "report.md", "summary.html", "safety_vs_utility.png",
                  "bars/safe_rate.png", "bars/utility.png"):
         assert (out / name).stat().st_size > 0, name
     assert "tiny_real6 | safe_rate | seed 0:" in (out / "report.md").read_text()
-    smk(tmp_path, "--report", str(tmp_path / "report.html"), *cfg)
+    smk(tiny_run, "--report", str(tmp_path / "report.html"), *cfg)
     page = (tmp_path / "report.html").read_text()
     assert len(page) > 100_000
     assert page.count("data:image/png") >= 3 and "data:text/html" in page  # plots and the summary table, inline

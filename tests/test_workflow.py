@@ -1,41 +1,13 @@
 """Workflow tests: dry-runs of every shipped config, a tiny end-to-end run, the rerun rule, real shared data."""
 
 import json
-import os
-import re
 import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import yaml
-
-REPO = Path(__file__).resolve().parents[1]
-SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile")]
-TINY = REPO / "tests" / "configs" / "tiny.yaml"
-
-
-def smk(workdir, *args, check=True, timeout=900):
-    # Rules call `python -m workflow_scripts...`: make that the interpreter running these tests.
-    env = {**os.environ, "PYTHONPATH": str(REPO),
-           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
-    proc = subprocess.run([*SNAKEMAKE, "--directory", str(workdir), *args], capture_output=True, text=True,
-                          env=env, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    return proc
-
-
-def planned_outputs(dry_run_stdout: str) -> list[str]:
-    """Output files of every job a dry run would execute."""
-    outs = []
-    for line in dry_run_stdout.splitlines():
-        m = re.match(r"\s+output: (.+)", line)
-        if m:
-            outs += [o.strip() for o in m.group(1).split(",")]
-    return outs
+from smk_helpers import REPO, TINY, planned_outputs, smk
 
 
 @pytest.mark.parametrize("args", [
@@ -87,14 +59,6 @@ def test_config_errors_name_the_key(tmp_path):
     assert proc.returncode != 0 and "learning_rate" in proc.stdout
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    work = tmp_path_factory.mktemp("tiny_run")
-    shutil.copy(TINY, work / "tiny.yaml")
-    smk(work, "--cores", "2", "--configfile", str(work / "tiny.yaml"))
-    return work
-
-
 @pytest.mark.slow
 def test_tiny_end_to_end(tiny_run):
     summary = (tiny_run / "results/report/summary.md").read_text()
@@ -117,8 +81,27 @@ def test_tiny_end_to_end(tiny_run):
     assert all(r["messages"][1] == s["messages"][1] for r, s in zip(train, raw, strict=True))
     virtual = pq.read_table(tiny_run / "data/tiny_virtual/train.parquet").to_pylist()
     assert all(r["messages"][1]["content"].startswith("Let's solve this problem. ") for r in virtual)
-    for rule in ("train", "generate", "preview", "score"):
+    for rule in ("train", "generate", "preview", "score", "judge", "realign"):
         assert list((tiny_run / "benchmarks").rglob(f"{rule}*.tsv")), rule
+
+
+@pytest.mark.slow
+def test_tiny_run_judge_over_refusal_win_rate_and_realign(tiny_run):
+    results = tiny_run / "results/tiny_vanilla"
+    over = json.loads((results / "over_refusal.json").read_text())
+    assert over["metric"] == "over_refusal" and over["n"] == 8 and 0 <= over["value"] <= 1
+    judged = json.loads((results / "judge_safe_rate.json").read_text())
+    # A 2-layer random model cannot follow the rubric: every reply is unparsed, and counted, not dropped.
+    assert judged["n_total"] == 8 and judged["n_unparsed"] + judged["n"] == 8
+    assert judged["judge"]["prompt_sha256"] and "agreement_with_keyword" in judged
+    win = json.loads((results / "win_rate.json").read_text())
+    assert win["metric"] == "win_rate" and win["n_win"] + win["n_tie"] + win["n_loss"] + win["n_unparsed"] == 8
+    realigned = pq.read_table(tiny_run / "data/tiny_realign/steps/1_realign.parquet")
+    decisions = pq.read_table(tiny_run / "data/tiny_realign/steps/1_realign.decisions.parquet").to_pylist()
+    raw = pq.read_table(tiny_run / "data/raw/tiny_math_train.parquet")
+    assert realigned.column("id").to_pylist() == raw.column("id").to_pylist() == [d["id"] for d in decisions]
+    assert {d["tag"] for d in decisions} <= {"rewrite", "original"} and all(d["reason"] for d in decisions)
+    assert json.loads((tiny_run / "results/tiny_realign/safe_rate.json").read_text())["n"] == 8
 
 
 @pytest.mark.slow
@@ -134,7 +117,33 @@ def test_changing_one_preview_parameter_reruns_only_that_experiment(tiny_run):
     assert "generations/tiny_real6/seed1/tiny_harmful.parquet" in touched
     assert "results/tiny_real6/safe_rate.json" in touched and "results/tiny_real6/utility.json" in touched
     others = set(outs) - touched
-    assert others <= {"results/report/summary.parquet", "results/report/summary.md"}, others
+    assert all(o.startswith("results/report/") for o in others), others
+
+
+def dry_run_after(tiny_run, name, change):
+    cfg = yaml.safe_load((tiny_run / "tiny.yaml").read_text())
+    change(cfg)
+    (tiny_run / name).write_text(yaml.safe_dump(cfg))
+    return planned_outputs(smk(tiny_run, "-n", "--configfile", str(tiny_run / name)).stdout)
+
+
+@pytest.mark.slow
+def test_adding_a_seed_runs_only_that_seed(tiny_run):
+    outs = dry_run_after(tiny_run, "seed_added.yaml",
+                         lambda cfg: cfg["experiments"]["tiny_real6"].update(seeds=[0, 1, 2]))
+    per_seed = {o for o in outs if "seed" in o}
+    assert per_seed == {"models/tiny_real6/seed2", "generations/tiny_real6/seed2/tiny_harmful.parquet",
+                        "generations/tiny_real6/seed2/tiny_math.parquet"}, per_seed
+    rest = set(outs) - per_seed
+    assert all(o.startswith(("results/tiny_real6/", "results/report/")) for o in rest), rest
+
+
+@pytest.mark.slow
+def test_removing_a_seed_reruns_only_the_aggregates(tiny_run):
+    outs = dry_run_after(tiny_run, "seed_removed.yaml",
+                         lambda cfg: cfg["experiments"]["tiny_real6"].update(seeds=[0]))
+    assert outs and all(o.startswith(("results/tiny_real6/", "results/report/")) for o in outs), outs
+    assert "results/tiny_real6/safe_rate.json" in outs
 
 
 @pytest.mark.slow
