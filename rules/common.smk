@@ -314,6 +314,8 @@ def judge_args(wildcards):
     for key in ("base_url", "api_key_env", "max_new_tokens", "batch_size", "temperature", "prompt"):
         if key in judge:
             args.append(f"--{key} {shlex.quote(str(judge[key]))}")
+    if "limit" in spec:
+        args.append(f"--limit {spec['limit']}")
     return " ".join(args)
 
 

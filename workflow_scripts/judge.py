@@ -45,8 +45,10 @@ def load_prompt(path: str | Path) -> tuple[str, dict]:
     return text, {"prompt_file": path.name, "prompt_sha256": sha256_text(text)}
 
 
-def load_generations(paths: list[str], seeds: list[int] | None = None) -> list[tuple[int, str, list[dict], dict]]:
-    """(seed, path, rows, generation settings) per generation file; seeds default to 0, 1, ..."""
+def load_generations(paths: list[str], seeds: list[int] | None = None,
+                     limit: int | None = None) -> list[tuple[int, str, list[dict], dict]]:
+    """(seed, path, rows, generation settings) per generation file; seeds default to 0, 1, ...; `limit` keeps the
+    first N rows of each file (the same prompts for every seed), for judging a sample when judging is costly."""
     seeds = list(range(len(paths))) if seeds is None else list(seeds)
     if len(seeds) != len(paths):
         raise ValueError(f"{len(paths)} generation files but {len(seeds)} seeds")
@@ -57,7 +59,7 @@ def load_generations(paths: list[str], seeds: list[int] | None = None) -> list[t
             if col not in table.column_names:
                 raise DataError(path, None, col, "missing column (not a generation file?)")
         meta = json.loads((table.schema.metadata or {}).get(b"safeft", b"{}"))
-        rows = table.to_pylist()
+        rows = table.to_pylist()[:limit]
         seen: set[str] = set()
         for row_no, row in enumerate(rows):
             if row["id"] in seen:
@@ -327,13 +329,14 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--batch_size", type=int, default=16)
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--name", default=None, help="name recorded in the JSON")
+        p.add_argument("--limit", type=int, default=None, help="judge only the first N prompts of each file")
         p.add_argument("--output", required=True, help="results JSON; per-example Parquet goes beside it")
     args = ap.parse_args(argv)
     params = GenParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                        batch_size=args.batch_size, seed=args.seed)
     try:
         template, prompt_id = load_prompt(args.prompt)
-        generations = load_generations(args.generations, args.seeds)
+        generations = load_generations(args.generations, args.seeds, args.limit)
         baselines = load_generations(args.baseline_generations) if args.command == "winrate" else None
         backend = make_backend(args.backend, args.model, threads=args.threads, base_url=args.base_url,
                                tensor_parallel_size=args.tensor_parallel_size, api_key_env=args.api_key_env)
@@ -348,7 +351,7 @@ def main(argv: list[str] | None = None) -> None:
     result["name"] = args.name or result["metric"]
     result["judge"] = {"model": args.model, "backend": args.backend,
                        "base_url": redact_url(args.base_url) if args.base_url else None, "cache": args.cache,
-                       **prompt_id, "params": asdict(params)}
+                       **prompt_id, "params": asdict(params), "limit": args.limit}
     result["generation"] = generations[0][3]
     result["generation_files"] = [g[1] for g in generations]
     if baselines:
