@@ -379,3 +379,13 @@ def realign_args(wildcards):
     if opts.get("retriever") == "bm25":
         args.append(f"--corpus {shlex.quote(opts['corpus'])}")
     return " ".join(args)
+
+
+# used by generate.smk, score.smk, train.smk, models.smk and realign.smk
+def gpu_env(backend="hf"):
+    """Conda environment for jobs that may run on a GPU; vLLM has its own (it pins older transformers)."""
+    return "../envs/vllm-gpu.yaml" if backend == "vllm" else "../envs/gpu.yaml"
+
+
+def judge_backend(wildcards):
+    return config["judges"][eval_spec(wildcards.exp, wildcards.metric)["judge"]].get("backend", "hf")

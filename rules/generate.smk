@@ -11,7 +11,7 @@ rule generate:
         args=generation_args,
     threads: config.get("threads", 2)
     conda:
-        "../envs/cpu.yaml"
+        gpu_env(config.get("generation", {}).get("backend", "hf"))
     log:
         "logs/{exp}/generate_seed{seed}_{evalset}.log",
     benchmark:

@@ -43,7 +43,7 @@ rule align:
         checkpoints="checkpoints/base/{model}",
     threads: config.get("threads", 2)
     conda:
-        "../envs/cpu.yaml"
+        gpu_env()
     log:
         "logs/models/{model}.log",
     benchmark:

@@ -35,7 +35,7 @@ rule realign_shard:
         cache="data/{exp}/steps/{i}_realign/cache/{scatteritem}",
     threads: config.get("threads", 2)
     conda:
-        "../envs/cpu.yaml"
+        lambda wc: gpu_env(step_options(wc).get("rewriter_backend", "hf"))
     log:
         "logs/{exp}/realign_{i}_{scatteritem}.log",
     benchmark:

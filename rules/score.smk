@@ -37,7 +37,7 @@ rule judge:
         seeds=lambda wc: " ".join(str(s) for s in exp_seeds(wc.exp)),
     threads: config.get("threads", 2)
     conda:
-        "../envs/cpu.yaml"
+        lambda wc: gpu_env(judge_backend(wc))
     log:
         "logs/{exp}/judge_{metric}.log",
     benchmark:
@@ -60,7 +60,7 @@ rule judge_winrate:
         seeds=lambda wc: " ".join(str(s) for s in exp_seeds(wc.exp)),
     threads: config.get("threads", 2)
     conda:
-        "../envs/cpu.yaml"
+        lambda wc: gpu_env(judge_backend(wc))
     log:
         "logs/{exp}/judge_winrate_{metric}.log",
     benchmark:

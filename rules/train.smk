@@ -12,7 +12,7 @@ rule train:
         checkpoints="checkpoints/{exp}/seed{seed}",
     threads: config.get("threads", 2)
     conda:
-        "../envs/cpu.yaml"
+        gpu_env()
     log:
         "logs/{exp}/train_seed{seed}.log",
     benchmark:
