@@ -118,3 +118,11 @@ def test_launch_command_one_process_per_gpu():
     assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4"]
     assert cmd[-6:] == argv
     assert train.launch_command(argv, {"deepspeed": "z.json"}, 0)[5] == "1"
+
+
+def test_global_batch_fixes_gradient_accumulation():
+    recipe = {**train.DEFAULT_RECIPE, "batch_size": 16, "global_batch_size": 64}
+    assert [train.grad_accum_steps(recipe, n) for n in (1, 2, 4)] == [4, 2, 1]
+    assert train.grad_accum_steps({**train.DEFAULT_RECIPE, "grad_accum": 3}, 8) == 3
+    with pytest.raises(ValueError, match="not a multiple"):
+        train.grad_accum_steps(recipe, 3)

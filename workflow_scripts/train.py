@@ -26,8 +26,21 @@ DEFAULT_RECIPE = {
     "method": "lora", "epochs": 1, "lr": 3e-4, "batch_size": 8, "grad_accum": 1, "max_length": 512,
     "warmup_ratio": 0.0, "scheduler": "linear", "weight_decay": 0.0, "lora_r": 16, "lora_alpha": 32,
     "lora_dropout": 0.0, "target_modules": "all-linear", "merge": False, "deepspeed": None,
-    "dtype": "float32", "gradient_checkpointing": False, "checkpoint_steps": 200,
+    "dtype": "float32", "gradient_checkpointing": False, "checkpoint_steps": 200, "global_batch_size": None,
 }
+
+
+def grad_accum_steps(recipe: dict, world_size: int) -> int:
+    """Gradient accumulation that keeps the recipe's global batch whatever number of GPUs the job was given;
+    without `global_batch_size` the recipe's own grad_accum is used and the global batch scales with the GPUs."""
+    target = recipe.get("global_batch_size")
+    if not target:
+        return recipe["grad_accum"]
+    per_step = recipe["batch_size"] * world_size
+    if target % per_step:
+        raise ValueError(f"recipe global_batch_size {target} is not a multiple of batch_size {recipe['batch_size']}"
+                         f" x {world_size} processes")
+    return target // per_step
 
 
 def template_hash(tokenizer) -> str:
@@ -182,7 +195,8 @@ def train(base_model: str, data_paths: list[str], out_dir: str, recipe: dict, se
     args = TrainingArguments(
         output_dir=str(checkpoints), num_train_epochs=recipe["epochs"],
         learning_rate=recipe["lr"], per_device_train_batch_size=recipe["batch_size"],
-        gradient_accumulation_steps=recipe["grad_accum"], warmup_steps=recipe["warmup_ratio"],
+        gradient_accumulation_steps=grad_accum_steps(recipe, int(os.environ.get("WORLD_SIZE", "1"))),
+        warmup_steps=recipe["warmup_ratio"],
         lr_scheduler_type=recipe["scheduler"], weight_decay=recipe["weight_decay"],
         logging_steps=max(1, len(examples) // (recipe["batch_size"] * recipe["grad_accum"] * 10)),
         # Optimiser state is kept with the weights so a resumed run continues the same trajectory.
