@@ -58,11 +58,21 @@ class LLMCache:
         # SQLite's own busy timeout.
         self._db = sqlite3.connect(self.path, timeout=busy_timeout, check_same_thread=False, isolation_level=None)
         self._lock = threading.Lock()
+        deadline = time.monotonic() + busy_timeout
         with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            # NORMAL in WAL mode survives a killed process (not a power cut) and skips an fsync per row.
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute(SCHEMA)
+            while True:
+                try:
+                    self._db.execute("PRAGMA journal_mode=WAL")
+                    # NORMAL in WAL mode survives a killed process (not a power cut) and skips an fsync per row.
+                    self._db.execute("PRAGMA synchronous=NORMAL")
+                    self._db.execute(SCHEMA)
+                    break
+                except sqlite3.OperationalError as err:
+                    # Switching to WAL while another process creates the same file can fail at once with
+                    # "database is locked", without SQLite's busy handler: wait and try again.
+                    if "locked" not in str(err) or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
 
     def get_many(self, keys: list[str]) -> dict[str, str]:
         found: dict[str, str] = {}
