@@ -23,7 +23,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from workflow_scripts.io import DataError, write_table
-from workflow_scripts.judge import PROMPTS_DIR, load_generations, load_prompt, write_outputs
+from workflow_scripts.judge import PROMPTS_DIR, load_prompt
+from workflow_scripts.score import load_generations, write_outputs
 
 PROMPT = PROMPTS_DIR / "bbq_v1.txt"
 LETTERS = "ABC"  # BBQ's ans0, ans1, ans2

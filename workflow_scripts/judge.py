@@ -13,12 +13,10 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from workflow_scripts.generate import GenParams, make_backend, redact_url
-from workflow_scripts.io import DataError, atomic_file, last_turn, sha256_text, write_json
-from workflow_scripts.score import is_refusal, summarise
+from workflow_scripts.io import DataError, last_turn, sha256_text
+from workflow_scripts.score import is_refusal, load_generations, summarise, write_outputs
 
 PROMPTS_DIR = Path(__file__).resolve().parents[1] / "prompts"
 HARMFULNESS_PROMPT = PROMPTS_DIR / "judge_harmfulness_v1.txt"
@@ -45,30 +43,6 @@ def load_prompt(path: str | Path) -> tuple[str, dict]:
     return text, {"prompt_file": path.name, "prompt_sha256": sha256_text(text)}
 
 
-def load_generations(paths: list[str], seeds: list[int] | None = None,
-                     limit: int | None = None) -> list[tuple[int, str, list[dict], dict]]:
-    """(seed, path, rows, generation settings) per generation file; seeds default to 0, 1, ...; `limit` keeps the
-    first N rows of each file (the same prompts for every seed), for judging a sample when judging is costly."""
-    seeds = list(range(len(paths))) if seeds is None else list(seeds)
-    if len(seeds) != len(paths):
-        raise ValueError(f"{len(paths)} generation files but {len(seeds)} seeds")
-    out = []
-    for seed, path in zip(seeds, paths, strict=True):
-        table = pq.read_table(path)
-        for col in ("id", "messages", "completion"):
-            if col not in table.column_names:
-                raise DataError(path, None, col, "missing column (not a generation file?)")
-        meta = json.loads((table.schema.metadata or {}).get(b"safeft", b"{}"))
-        rows = table.to_pylist()[:limit]
-        seen: set[str] = set()
-        for row_no, row in enumerate(rows):
-            if row["id"] in seen:
-                raise DataError(path, row_no, "id", f"duplicate id {row['id']!r}")
-            seen.add(row["id"])
-        out.append((seed, str(path), rows, meta))
-    return out
-
-
 def instruction_of(row: dict, path: str, row_no: int) -> str:
     """The request the judge sees: the last user turn of the prompt."""
     i = last_turn(row["messages"], "user")
@@ -87,14 +61,6 @@ def wrap_cache(backend, cache: str | None, backend_name: str, model: str):
         raise SystemExit(f"error: --cache needs workflow_scripts.llm_cache, which is not installed ({err})") from None
     # The fingerprint folds a local judge folder's file sizes and mtimes into the key: new weights, new answers.
     return llm_cache.CachedBackend(backend, cache, f"{backend_name}:{llm_cache.model_fingerprint(model)}")
-
-
-def write_outputs(result: dict, examples: list[dict], output: str | Path) -> None:
-    """Results JSON at `output`, per-example Parquet beside it (`X.examples.parquet`), both atomic."""
-    out = Path(output)
-    with atomic_file(out.with_suffix(".examples.parquet"), suffix=".parquet") as tmp:
-        pq.write_table(pa.Table.from_pylist(examples), tmp, compression="zstd")
-    write_json(result, out)
 
 
 def ask_with_retries(backend, prompts: list[list[dict]], params: GenParams, parse) -> tuple[list, list[str], list[int]]:

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from workflow_scripts.io import atomic_file, write_json
+from workflow_scripts.io import DataError, atomic_file, write_json
 
 # From the MIT-licensed LLMs-Finetuning-Safety / LookAheadTuning evaluations (DESIGN.md).
 REFUSAL_PHRASES = [
@@ -130,6 +130,39 @@ def score_rows(rows: list[dict], metric: str) -> list[dict]:
     return out
 
 
+def load_generations(paths: list[str], seeds: list[int] | None = None,
+                     limit: int | None = None) -> list[tuple[int, str, list[dict], dict]]:
+    """(seed, path, rows, generation settings) per generation file; seeds default to 0, 1, ...; `limit` keeps the
+    first N rows of each file (the same prompts for every seed), for judging a sample when judging is costly."""
+    seeds = list(range(len(paths))) if seeds is None else list(seeds)
+    if len(seeds) != len(paths):
+        raise ValueError(f"{len(paths)} generation files but {len(seeds)} seeds")
+    out = []
+    for seed, path in zip(seeds, paths, strict=True):
+        table = pq.read_table(path)
+        for col in ("id", "messages", "completion"):
+            if col not in table.column_names:
+                raise DataError(path, None, col, "missing column (not a generation file?)")
+        meta = json.loads((table.schema.metadata or {}).get(b"safeft", b"{}"))
+        rows = table.to_pylist()[:limit]
+        seen: set[str] = set()
+        for row_no, row in enumerate(rows):
+            if row["id"] in seen:
+                raise DataError(path, row_no, "id", f"duplicate id {row['id']!r}")
+            seen.add(row["id"])
+        out.append((seed, str(path), rows, meta))
+    return out
+
+
+def write_outputs(result: dict, examples: list[dict] | pa.Table, output: str | Path) -> None:
+    """Results JSON at `output`, per-example Parquet beside it (`X.examples.parquet`), both atomic."""
+    out = Path(output)
+    table = examples if isinstance(examples, pa.Table) else pa.Table.from_pylist(examples)
+    with atomic_file(out.with_suffix(".examples.parquet"), suffix=".parquet") as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+    write_json(result, out)
+
+
 def score_files(paths: list[str], metric: str, seeds: list[int] | None = None) -> tuple[dict, pa.Table]:
     """Score each seed's generations; the headline value is the mean over all examples of all seeds."""
     seeds = seeds or list(range(len(paths)))
@@ -178,10 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
     result["name"] = args.name or args.metric
-    out = Path(args.output)
-    with atomic_file(out.with_suffix(".examples.parquet"), suffix=".parquet") as tmp:
-        pq.write_table(examples, tmp, compression="zstd")
-    write_json(result, out)
+    write_outputs(result, examples, args.output)
     print(f"{result['name']}: {result['value']:.4f} (95% CI {result['ci95'][0]:.4f}-{result['ci95'][1]:.4f}, "
           f"n={result['n']})")
 

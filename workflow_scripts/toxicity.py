@@ -21,8 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from workflow_scripts.io import DataError, atomic_dir, atomic_file
-from workflow_scripts.judge import load_generations, write_outputs
-from workflow_scripts.score import summarise
+from workflow_scripts.score import load_generations, summarise, write_outputs
 
 # Detoxify 0.5.4's release files (detoxify/detoxify.py MODEL_URLS); each name ends in its sha256 prefix.
 DOWNLOAD_URL = "https://github.com/unitaryai/detoxify/releases/download/"
