@@ -55,7 +55,8 @@ def test_killed_training_resumes_from_its_last_checkpoint(tiny_model_dir, tmp_pa
             proc.kill()
     assert proc.returncode != 0
     assert not out.exists(), "a killed job must not leave an output that looks complete"
-    done_steps = max(int(p.name.split("-")[1]) for p in ckpts.glob("checkpoint-*"))
+    # A SIGKILL can land mid-save: the newest complete checkpoint is the one with its trainer_state.json.
+    done_steps = max(int(p.parent.name.split("-")[1]) for p in ckpts.glob("checkpoint-*/trainer_state.json"))
     assert 0 < done_steps < 128
 
     info = train.train(str(tiny_model_dir), [str(data)], str(out), recipe, threads=1)
