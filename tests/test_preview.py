@@ -236,7 +236,9 @@ def test_missing_field_exit_code_and_no_output(tmp_path, field, line):
          "--mode", "virtual", "--input_field", "question", "--output_field", "answer", "--batch_size", "2"],
         cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines()[-1] == line
+    kind, message = line.split(": ", 1)
+    # The reference's wording, with the input file named in front of it.
+    assert proc.stderr.strip().splitlines()[-1] == f"{kind}: {src}: {message}"
     assert not out.exists() and list(out.parent.iterdir()) == []
 
 
@@ -348,3 +350,13 @@ def test_jsonl_lines_json_loads_accepts_but_a_fast_parse_would_not(tmp_path, cap
         want = f"RuntimeError: Failed to read JSONL file '{src}': JSON decode error at line 2: {e}"
     assert preview.main(argv) == 1
     assert capsys.readouterr().err.strip() == want
+
+
+def test_wrong_typed_field_names_the_file(tmp_path, capsys):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"question": "q", "answer": "a"}\n{"question": "q", "answer": 7}\n')
+    argv = ["--input_file", str(src), "--output_file", str(tmp_path / "o.jsonl"), "--input_format", "jsonl",
+            "--output_format", "jsonl", "--mode", "virtual", "--input_field", "question", "--output_field", "answer"]
+    assert preview.main(argv) == 1
+    assert capsys.readouterr().err.strip() == f"TypeError: {src}: Item 2: field 'answer' is a int, not a string."
+    assert not (tmp_path / "o.jsonl").exists()

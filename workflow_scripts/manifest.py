@@ -64,6 +64,17 @@ def template_hashes(models: list[Path], generations: list[Path]) -> dict:
     return seen
 
 
+def training_precision(models: list[Path]) -> dict:
+    """The precision each training run resolved (`dtype: auto` depends on the machine) and where it ran."""
+    out = {}
+    for m in models:
+        log = Path(m) / "train_log.json"
+        if log.exists():
+            info = json.loads(log.read_text())
+            out[str(m)] = {"precision": info.get("precision"), "hardware": info.get("hardware")}
+    return out
+
+
 def build_manifest(exp: str, exp_config: dict, inputs: list[str], models: list[str], generations: list[str],
                    seeds: list[int]) -> dict:
     hashes = template_hashes([Path(m) for m in models], [Path(g) for g in generations])
@@ -79,6 +90,7 @@ def build_manifest(exp: str, exp_config: dict, inputs: list[str], models: list[s
         "inputs": {p: tree_sha256(Path(p)) for p in inputs + models + generations},
         "chat_template_sha256": hashes,
         "chat_template_consistent": len(distinct) <= 1,
+        "training": training_precision([Path(m) for m in models]),
     }
 
 

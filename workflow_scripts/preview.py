@@ -283,22 +283,24 @@ def _rebatch(it: Iterator, size: int) -> Iterator[list]:
         yield batch
 
 
-def _gather(batch: list, first: int, input_field: str, output_field: str) -> tuple[list[str], list[str]]:
-    """The two fields of every item, checked in item order as the reference checks them."""
+def _gather(batch: list, first: int, input_field: str, output_field: str,
+            path: str = "<input>") -> tuple[list[str], list[str]]:
+    """The two fields of every item, checked in item order as the reference checks them. Errors keep the
+    reference's wording with the input file's name in front of it."""
     inputs, outputs = [], []
     for index, item in enumerate(batch, first):
         # `in` on whatever the item is, as the reference does (a list or string item gets the same message).
         if input_field not in item:
-            raise PreviewError("ValueError", f"Item {index} is missing the input_field '{input_field}'.")
+            raise PreviewError("ValueError", f"{path}: Item {index} is missing the input_field '{input_field}'.")
         if output_field not in item:
-            raise PreviewError("ValueError", f"Item {index} is missing the output_field '{output_field}'.")
+            raise PreviewError("ValueError", f"{path}: Item {index} is missing the output_field '{output_field}'.")
         if type(item) is not dict:
-            raise PreviewError("TypeError", f"Item {index} is a {type(item).__name__}, not a JSON object.")
+            raise PreviewError("TypeError", f"{path}: Item {index} is a {type(item).__name__}, not a JSON object.")
         text_in, text_out = item[input_field], item[output_field]
         for field, value in ((input_field, text_in), (output_field, text_out)):
             if type(value) is not str:
                 kind = type(value).__name__
-                raise PreviewError("TypeError", f"Item {index}: field '{field}' is a {kind}, not a string.")
+                raise PreviewError("TypeError", f"{path}: Item {index}: field '{field}' is a {kind}, not a string.")
         inputs.append(text_in)
         outputs.append(text_out)
     return inputs, outputs
@@ -406,7 +408,8 @@ def run_records(args) -> int:
         writer = _Writer(f, args.output_format, args.output_file)
         for batch in batches:
             try:
-                inputs, outputs = _gather(batch, count + 1, args.input_field, args.output_field)
+                inputs, outputs = _gather(batch, count + 1, args.input_field, args.output_field,
+                                          args.input_file)
             except PreviewError:
                 _drain(batches)
                 raise

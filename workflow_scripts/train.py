@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from workflow_scripts.hardware import describe as describe_hardware
+from workflow_scripts.hardware import resolve_dtype
 from workflow_scripts.io import DataError, read_table, sha256_file, sha256_text
 
 IGNORE = -100
@@ -26,7 +28,7 @@ DEFAULT_RECIPE = {
     "method": "lora", "epochs": 1, "lr": 3e-4, "batch_size": 8, "grad_accum": 1, "max_length": 512,
     "warmup_ratio": 0.0, "scheduler": "linear", "weight_decay": 0.0, "lora_r": 16, "lora_alpha": 32,
     "lora_dropout": 0.0, "target_modules": "all-linear", "merge": False, "deepspeed": None,
-    "dtype": "float32", "gradient_checkpointing": False, "checkpoint_steps": 200, "global_batch_size": None,
+    "dtype": "auto", "gradient_checkpointing": False, "checkpoint_steps": 200, "global_batch_size": None,
 }
 
 
@@ -169,7 +171,13 @@ def train(base_model: str, data_paths: list[str], out_dir: str, recipe: dict, se
     n_tokens = sum(len(e["input_ids"]) for e in examples)
     log.info("%d examples, %d tokens from %s", len(examples), n_tokens, data_paths)
 
-    fingerprint = run_fingerprint(base_model, data_paths, recipe, seed)
+    precision = resolve_dtype(recipe["dtype"])
+    if precision["warning"] and main_rank:
+        log.warning("%s", precision["warning"])
+    log.info("precision %s (requested %s; %s native bfloat16: %s)", precision["dtype"], precision["requested"],
+             precision["device"], precision["native_bf16"])
+    # The resolved precision is part of the run: a checkpoint trained in bf16 is not resumed in float32.
+    fingerprint = run_fingerprint(base_model, data_paths, {**recipe, "dtype": precision["dtype"]}, seed)
     resume = last_checkpoint(checkpoints, fingerprint)
     if main_rank:
         shutil.rmtree(staging, ignore_errors=True)
@@ -180,8 +188,7 @@ def train(base_model: str, data_paths: list[str], out_dir: str, recipe: dict, se
             (checkpoints / "fingerprint.txt").write_text(fingerprint)
     log.info("resuming from %s", resume) if resume else log.info("starting from step 0")
 
-    dtype = getattr(torch, recipe["dtype"])
-    model = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(base_model, dtype=getattr(torch, precision["dtype"]))
     if recipe["method"] == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -205,7 +212,8 @@ def train(base_model: str, data_paths: list[str], out_dir: str, recipe: dict, se
         report_to=[], seed=seed, data_seed=seed,
         # One loss line per logging step reads better in a job log than a progress bar.
         disable_tqdm=True,
-        bf16=recipe["dtype"] == "bfloat16", deepspeed=recipe["deepspeed"],
+        bf16=precision["dtype"] == "bfloat16", fp16=precision["dtype"] == "float16",
+        deepspeed=recipe["deepspeed"],
         gradient_checkpointing=recipe["gradient_checkpointing"],
         # Batches of similar length waste less compute on padding.
         train_sampling_strategy="group_by_length", use_cpu=not torch.cuda.is_available(),
@@ -234,7 +242,7 @@ def train(base_model: str, data_paths: list[str], out_dir: str, recipe: dict, se
         "seed": seed, "examples": len(examples), "tokens": n_tokens, "train_seconds": round(seconds, 1),
         "tokens_per_second": round(n_tokens * recipe["epochs"] / seconds, 1) if not resume else None,
         "resumed_from": Path(resume).name if resume else None, "global_step": trainer.state.global_step,
-        "world_size": trainer.args.world_size,
+        "world_size": trainer.args.world_size, "precision": precision, "hardware": describe_hardware(),
         "train_loss": result.training_loss, "chat_template_sha256": template_hash(tokenizer),
         "log_history": trainer.state.log_history,
     }
