@@ -3,6 +3,12 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 CORES ?= 2
+# SEEDS="0 1 2": every fine-tuned demo experiment runs these seeds (default: the config's, one seed).
+SEEDS ?=
+comma := ,
+empty :=
+space := $(empty) $(empty)
+SEED_CONFIG := $(if $(strip $(SEEDS)),--config "seeds=[$(subst $(space),$(comma),$(strip $(SEEDS)))]")
 # Rules run `python -m workflow_scripts...`: that must be the venv's python.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
@@ -16,8 +22,9 @@ $(BIN)/activate: requirements.lock pyproject.toml
 
 venv: $(BIN)/activate
 
+# Snakemake's progress, with an estimate of the time left after every finished job.
 demo: venv
-	$(BIN)/snakemake --cores $(CORES)
+	$(BIN)/python -m workflow_scripts.progress --cores $(CORES) $(SEED_CONFIG)
 
 test: venv
 	$(BIN)/ruff check .

@@ -4,7 +4,10 @@ import os
 import shlex
 
 DEMO_DATASETS = [n for n, d in config["datasets"].items() if "generator" in d]
-FILE_DATASETS = [n for n, d in config["datasets"].items() if "url" in d or "path" in d]
+FILE_DATASETS = [n for n, d in config["datasets"].items() if "url" in d or "path" in d or "hub" in d]
+URL_DATASETS = [n for n, d in config["datasets"].items() if "url" in d]
+HUB_DATASETS = [n for n, d in config["datasets"].items() if "hub" in d]
+WHERE_DATASETS = [n for n in FILE_DATASETS if "where" in config["datasets"][n]]
 ALIGNED_MODELS = [n for n, m in config["models"].items() if m["source"] == "align"]
 PLAIN_MODELS = [n for n, m in config["models"].items() if m["source"] != "align"]
 
@@ -33,6 +36,12 @@ def check_config():
                 problems.append(f"models.{name}.recipe: unknown recipe {m.get('recipe')!r}")
         elif m["source"] in ("gguf", "local", "hub") and "path" not in m:
             problems.append(f"models.{name}: source {m['source']} needs `path`")
+    for name, d in datasets.items():
+        for key in ("config", "split", "revision", "token_env"):
+            if key in d and "hub" not in d:
+                problems.append(f"datasets.{name}.{key}: only applies to a `hub:` dataset")
+        if "where" in d and name not in FILE_DATASETS:
+            problems.append(f"datasets.{name}.where: only applies to `url:`, `path:` and `hub:` datasets")
     for name, e in evalsets.items():
         if e["dataset"] not in datasets:
             problems.append(f"evalsets.{name}.dataset: unknown dataset {e['dataset']!r}")
@@ -182,6 +191,16 @@ def exp_evalsets(exp):
     return list(dict.fromkeys(exp_evalset(exp, m) for m in exp_cfg(exp)["eval"]))
 
 
+def chain_label(exp):
+    """An experiment's method chain in a few words, e.g. `preview(mode=real, m=6)`; `no method` without one."""
+    parts = []
+    for step in exp_cfg(exp).get("methods", []):
+        opts = [f"{k}={v}" for k, v in step.items() if k != "method" and isinstance(v, (int, float, str))
+                and len(str(v)) <= 12][:3]
+        parts.append(f"{step['method']}({', '.join(opts)})")
+    return " → ".join(parts) or "no method"
+
+
 def exp_config_subtree(exp):
     """Everything that defines one experiment; its hash goes into the manifest."""
     x = exp_cfg(exp)
@@ -204,8 +223,21 @@ def exp_config_subtree(exp):
 
 # used by data.smk
 def download_name(wildcards):
-    url = config["datasets"][wildcards.dataset]["url"]
-    return f"data/download/{wildcards.dataset}/{url.rsplit('/', 1)[-1]}"
+    d = config["datasets"][wildcards.dataset]
+    if "hub" in d:  # rule download_hub saves the split as Parquet, its provenance beside it (hub.json)
+        return f"data/download/{wildcards.dataset}/hub.parquet"
+    return f"data/download/{wildcards.dataset}/{d['url'].rsplit('/', 1)[-1]}"
+
+
+# used by data.smk
+def hub_args(wildcards):
+    d = config["datasets"][wildcards.dataset]
+    args = [f"--hub {shlex.quote(d['hub'])}"]
+    for key, flag in (("config", "hub-config"), ("split", "split"), ("revision", "revision"),
+                      ("token_env", "token-env")):
+        if key in d:
+            args.append(f"--{flag} {shlex.quote(str(d[key]))}")
+    return " ".join(args)
 
 
 # used by data.smk
@@ -231,6 +263,8 @@ def normalise_args(wildcards):
             args.append(f"--{key} {d[key]}")
     for key, column in d.get("fields", {}).items():
         args.append(f"--field {shlex.quote(f'{key}={column}')}")
+    if "where" in d:
+        args.append(f"--where {shlex.quote(json.dumps(d['where']))}")
     return " ".join(args)
 
 
@@ -265,6 +299,12 @@ def report_results(wildcards):
     return out
 
 
+# used by report.smk: the training jobs whose loss curves the report draws
+def report_models(wildcards):
+    trained = [e for e in config["report"]["experiments"] if "train" in exp_cfg(e)]
+    return [f"models/{e}/seed{s}" for e in trained for s in exp_seeds(e)]
+
+
 # used by score.smk
 def metric_generations(wildcards):
     evalset = exp_evalset(wildcards.exp, wildcards.metric)
@@ -279,7 +319,9 @@ def manifest_inputs(wildcards):
     data += [raw(config["evalsets"][e]["dataset"]) for e in exp_evalsets(wildcards.exp)]
     models = [f"models/{wildcards.exp}/seed{s}" for s in seeds] if "train" in x else []
     gens = [f"generations/{wildcards.exp}/seed{s}/{e}.parquet" for s in seeds for e in exp_evalsets(wildcards.exp)]
-    return {"data": data, "models": models, "generations": gens}
+    downloads = [f"data/download/{d}/hub.json" for d in exp_config_subtree(wildcards.exp)["datasets"]
+                 if d in HUB_DATASETS]
+    return {"data": data, "models": models, "generations": gens, "downloads": downloads}
 
 
 

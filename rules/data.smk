@@ -1,4 +1,5 @@
-# data: the demo's generated sets, downloads from public homes, and normalisation to canonical Parquet.
+# data: the demo's generated sets, downloads from public homes and the Hugging Face Hub, and normalisation to
+# canonical Parquet.
 
 
 rule demo_data:
@@ -15,7 +16,7 @@ rule demo_data:
     log:
         "logs/data/{dataset}.log",
     benchmark:
-        "benchmarks/data/{dataset}.tsv"
+        "benchmarks/demo_data/{dataset}.tsv"
     shell:
         "python -m workflow_scripts.demo_data --which {params.which} --n {params.n} --seed {params.seed} --output {output} "
         "> {log} 2>&1"
@@ -24,6 +25,8 @@ rule demo_data:
 rule download:
     output:
         "data/download/{dataset}/{filename}",
+    wildcard_constraints:
+        dataset=alternation(URL_DATASETS),
     params:
         url=lambda wc: config["datasets"][wc.dataset]["url"],
     conda:
@@ -36,13 +39,31 @@ rule download:
         "python -m workflow_scripts.data --url {params.url:q} --download-to {output} > {log} 2>&1"
 
 
+rule download_hub:
+    output:
+        data="data/download/{dataset}/hub.parquet",
+        info="data/download/{dataset}/hub.json",
+    wildcard_constraints:
+        dataset=alternation(HUB_DATASETS),
+    params:
+        args=hub_args,
+    conda:
+        "../envs/cpu.yaml"
+    log:
+        "logs/download/{dataset}/hub.log",
+    benchmark:
+        "benchmarks/download_hub/{dataset}.tsv"
+    shell:
+        "python -m workflow_scripts.data {params.args} --download-to {output.data} --info {output.info} > {log} 2>&1"
+
+
 rule normalise:
     input:
         normalise_input,
     output:
         "data/raw/{dataset}.parquet",
     wildcard_constraints:
-        dataset=alternation(FILE_DATASETS),
+        dataset=alternation(set(FILE_DATASETS) - set(WHERE_DATASETS)),
     params:
         args=normalise_args,
     conda:
@@ -50,9 +71,31 @@ rule normalise:
     log:
         "logs/data/{dataset}.log",
     benchmark:
-        "benchmarks/data/{dataset}.tsv"
+        "benchmarks/normalise/{dataset}.tsv"
     shell:
         "python -m workflow_scripts.data {params.args} --output {output} > {log} 2>&1"
+
+
+# The same for a dataset with a `where:` row filter, which also writes its decisions table (id, kept, reason).
+rule normalise_where:
+    input:
+        normalise_input,
+    output:
+        table="data/raw/{dataset}.parquet",
+        decisions="data/raw/{dataset}.where.parquet",
+    wildcard_constraints:
+        dataset=alternation(WHERE_DATASETS),
+    params:
+        args=normalise_args,
+    conda:
+        "../envs/cpu.yaml"
+    log:
+        "logs/data/{dataset}.log",
+    benchmark:
+        "benchmarks/normalise/{dataset}.tsv"
+    shell:
+        "python -m workflow_scripts.data {params.args} --decisions {output.decisions} --output {output.table} "
+        "> {log} 2>&1"
 
 
 rule bbq_prepare:
@@ -73,6 +116,6 @@ rule bbq_prepare:
     log:
         "logs/data/{dataset}.log",
     benchmark:
-        "benchmarks/data/{dataset}.tsv"
+        "benchmarks/bbq_prepare/{dataset}.tsv"
     shell:
         "python -m workflow_scripts.bbq prepare --input {input} {params.per_category} --output {output} > {log} 2>&1"

@@ -15,7 +15,7 @@ rule generate:
     log:
         "logs/{exp}/generate_seed{seed}_{evalset}.log",
     benchmark:
-        "benchmarks/{exp}/generate_seed{seed}_{evalset}.tsv"
+        "benchmarks/generate/{exp}/generate_seed{seed}_{evalset}.tsv"
     shell:
         "python -m workflow_scripts.generate --model {input.model} --input {input.prompts} {params.args} "
         "--seed {wildcards.seed} --threads {threads} --output {output} > {log} 2>&1"

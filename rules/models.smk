@@ -23,7 +23,7 @@ rule materialise_model:
     log:
         "logs/models/{model}.log",
     benchmark:
-        "benchmarks/models/{model}.tsv"
+        "benchmarks/materialise_model/{model}.tsv"
     shell:
         "python -m workflow_scripts.models --source {params.source} {params.path} {params.revision} --output {output} > {log} 2>&1"
 
@@ -47,10 +47,11 @@ rule align:
     log:
         "logs/models/{model}.log",
     benchmark:
-        "benchmarks/models/{model}.tsv"
+        "benchmarks/align/{model}.tsv"
     shell:
         "python -m workflow_scripts.train --base {input.base} --data {input.data} --recipe {params.recipe:q} --seed 0 "
-        "--threads {threads} --output {output} --checkpoint_dir {params.checkpoints} > {log} 2>&1"
+        "--threads {threads} --output {output} --checkpoint_dir {params.checkpoints} "
+        "--run_name {wildcards.model}/seed0/align > {log} 2>&1"
 
 
 rule toxicity_model:
@@ -61,6 +62,6 @@ rule toxicity_model:
     log:
         "logs/models/detoxify_{model_type}.log",
     benchmark:
-        "benchmarks/models/detoxify_{model_type}.tsv"
+        "benchmarks/toxicity_model/detoxify_{model_type}.tsv"
     shell:
         "python -m workflow_scripts.toxicity download --model_type {wildcards.model_type} --out {output} > {log} 2>&1"

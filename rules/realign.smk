@@ -15,7 +15,7 @@ rule realign_split:
     log:
         "logs/{exp}/realign_{i}_split.log",
     benchmark:
-        "benchmarks/{exp}/realign_{i}_split.tsv"
+        "benchmarks/realign_split/{exp}/realign_{i}_split.tsv"
     shell:
         "python -m workflow_scripts.realign split --input {input} --outputs {output} > {log} 2>&1"
 
@@ -39,7 +39,7 @@ rule realign_shard:
     log:
         "logs/{exp}/realign_{i}_{scatteritem}.log",
     benchmark:
-        "benchmarks/{exp}/realign_{i}_{scatteritem}.tsv"
+        "benchmarks/realign_shard/{exp}/realign_{i}_{scatteritem}.tsv"
     shell:
         "python -m workflow_scripts.realign run --input {input.shard} --output {output.data} "
         "--decisions {output.decisions} --stats {output.stats} --cache_dir {params.cache} --threads {threads} "
@@ -59,7 +59,7 @@ rule realign_merge:
     log:
         "logs/{exp}/realign_{i}_merge.log",
     benchmark:
-        "benchmarks/{exp}/realign_{i}_merge.tsv"
+        "benchmarks/realign_merge/{exp}/realign_{i}_merge.tsv"
     shell:
         "python -m workflow_scripts.realign merge --input {input.data} --shards {input.shards} "
         "--shard_decisions {input.decisions} --output {output.data} --decisions {output.decisions} > {log} 2>&1"

@@ -18,7 +18,7 @@ rule score:
     log:
         "logs/{exp}/score_{metric}.log",
     benchmark:
-        "benchmarks/{exp}/score_{metric}.tsv"
+        "benchmarks/score/{exp}/score_{metric}.tsv"
     shell:
         "python -m workflow_scripts.score --generations {input} --seeds {params.seeds} --metric {params.scorer} "
         "--name {wildcards.metric} --output {output.result} > {log} 2>&1"
@@ -41,7 +41,7 @@ rule judge:
     log:
         "logs/{exp}/judge_{metric}.log",
     benchmark:
-        "benchmarks/{exp}/judge_{metric}.tsv"
+        "benchmarks/judge/{exp}/judge_{metric}.tsv"
     shell:
         "python -m workflow_scripts.judge harmfulness --generations {input.generations} --seeds {params.seeds} "
         "{params.args} --threads {threads} --name {wildcards.metric} --output {output.result} > {log} 2>&1"
@@ -64,7 +64,7 @@ rule judge_winrate:
     log:
         "logs/{exp}/judge_winrate_{metric}.log",
     benchmark:
-        "benchmarks/{exp}/judge_winrate_{metric}.tsv"
+        "benchmarks/judge_winrate/{exp}/judge_winrate_{metric}.tsv"
     shell:
         "python -m workflow_scripts.judge winrate --generations {input.generations} --seeds {params.seeds} "
         "--baseline_generations {input.baseline} {params.args} --threads {threads} --name {wildcards.metric} "
@@ -90,7 +90,7 @@ rule toxicity:
     log:
         "logs/{exp}/toxicity_{metric}.log",
     benchmark:
-        "benchmarks/{exp}/toxicity_{metric}.tsv"
+        "benchmarks/toxicity/{exp}/toxicity_{metric}.tsv"
     shell:
         "python -m workflow_scripts.toxicity score --generations {input.generations} --seeds {params.seeds} "
         "--checkpoint {params.checkpoint} --backbone {params.backbone} --threads {threads} "
@@ -113,7 +113,7 @@ rule bbq_score:
     log:
         "logs/{exp}/bbq_{metric}.log",
     benchmark:
-        "benchmarks/{exp}/bbq_{metric}.tsv"
+        "benchmarks/bbq_score/{exp}/bbq_{metric}.tsv"
     shell:
         "python -m workflow_scripts.bbq score --generations {input.generations} --seeds {params.seeds} "
         "--eval_set {input.eval_set} --name {wildcards.metric} --output {output.result} > {log} 2>&1"
@@ -132,8 +132,8 @@ rule manifest:
     log:
         "logs/{exp}/manifest.log",
     benchmark:
-        "benchmarks/{exp}/manifest.tsv"
+        "benchmarks/manifest/{exp}/manifest.tsv"
     shell:
         "python -m workflow_scripts.manifest --experiment {wildcards.exp} --config_json {params.config:q} "
         "--inputs {input.data} --models {input.models} --generations {input.generations} "
-        "--seeds {params.seeds} --output {output} > {log} 2>&1"
+        "--downloads {input.downloads} --seeds {params.seeds} --output {output} > {log} 2>&1"

@@ -16,8 +16,8 @@ rule train:
     log:
         "logs/{exp}/train_seed{seed}.log",
     benchmark:
-        "benchmarks/{exp}/train_seed{seed}.tsv"
+        "benchmarks/train/{exp}/train_seed{seed}.tsv"
     shell:
         "python -m workflow_scripts.train --base {input.base} --data {input.data} --recipe {params.recipe:q} "
         "--seed {wildcards.seed} --threads {threads} --output {output} --checkpoint_dir {params.checkpoints} "
-        "> {log} 2>&1"
+        "--run_name {wildcards.exp}/seed{wildcards.seed}/train > {log} 2>&1"

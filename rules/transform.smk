@@ -18,7 +18,7 @@ rule preview:
     log:
         "logs/{exp}/preview_{i}.log",
     benchmark:
-        "benchmarks/{exp}/preview_{i}.tsv"
+        "benchmarks/preview/{exp}/preview_{i}.tsv"
     shell:
         "python -m workflow_scripts.preview --input_file {input.data} --output_file {output.data} "
         "--input_format parquet --output_format parquet --decisions_file {output.decisions} "
@@ -36,6 +36,6 @@ rule train_data:
     log:
         "logs/{exp}/train_data.log",
     benchmark:
-        "benchmarks/{exp}/train_data.tsv"
+        "benchmarks/train_data/{exp}/train_data.tsv"
     shell:
         "cp {input} {output} 2> {log}"

@@ -53,3 +53,10 @@ def test_no_shipped_recipe_forces_a_precision():
         recipes = yaml.safe_load(path.read_text()).get("recipes", {})
         for name, recipe in recipes.items():
             assert recipe.get("dtype", "auto") == "auto", f"{path.name}: recipes.{name}.dtype"
+
+
+def test_environment_override_of_the_probe(monkeypatch):
+    monkeypatch.setenv("SAFEFT_CPU_BF16", "0")
+    assert hardware.resolve_dtype("auto", device="cpu")["dtype"] == "float32"
+    monkeypatch.setenv("SAFEFT_CPU_BF16", "1")
+    assert hardware.resolve_dtype("auto", device="cpu")["dtype"] == "bfloat16"

@@ -231,3 +231,79 @@ def test_html_report_from_a_tiny_run(tiny_run, tmp_path):
     assert page.count("data:image/png") >= 3 and "data:text/html" in page  # plots and the summary table, inline
     assert not re.search(r"""(src|href)=["']https?://""", page)  # nothing fetched from the network
     assert "Safety vs utility" in page and "Per metric" in page and "not separated" in page
+
+
+def write_examples(json_path, values_by_seed):
+    rows = [{"id": f"p{i}", "seed": seed, "value": float(v)} for seed, vals in values_by_seed.items()
+            for i, v in enumerate(vals)]
+    pq.write_table(pa.Table.from_pylist(rows), Path(json_path).with_suffix(".examples.parquet"))
+
+
+def test_handled_right_pools_harmful_refused_and_benign_answered(tmp_path):
+    r = tmp_path / "results"
+    paths = []
+    # refuses everything: all 4 harmful right, all 4 benign wrong
+    for exp, harmful, benign in (("refuse_all", [1, 1, 1, 1], [1, 1, 1, 1]),
+                                 ("discerning", [1, 1, 1, 0], [0, 0, 0, 1]),
+                                 ("no_benign", [1, 1, 1, 1], None)):
+        paths.append(write_result(r / f"{exp}/safe_rate.json", sum(harmful) / 4, [0, 1]))
+        write_examples(paths[-1], {0: harmful})
+        if benign is not None:
+            paths.append(write_result(r / f"{exp}/over_refusal.json", sum(benign) / 4, [0, 1], metric="over_refusal"))
+            write_examples(paths[-1], {0: benign})
+    rows = {x["experiment"]: x for x in report.handled_rows(paths, "safe_rate", ["over_refusal"])}
+    assert set(rows) == {"refuse_all", "discerning"}  # the third lacks the benign metric
+    assert rows["refuse_all"]["value"] == 0.5 and rows["refuse_all"]["n"] == 8
+    assert rows["discerning"]["value"] == 0.75
+    assert rows["discerning"]["ci_low"] <= 0.75 <= rows["discerning"]["ci_high"]
+    assert report.handled_rows(paths, "safe_rate", []) == []
+
+
+def test_handled_right_joins_the_summary_and_the_cli_writes_runtime(results, tmp_path):
+    benign = []
+    for exp in EXPS:
+        safe = tmp_path / f"results/{exp}/safe_rate.json"
+        write_examples(safe, {0: [1, 1, 0, 1], 1: [1, 0, 0, 1]})
+        benign.append(write_result(tmp_path / f"results/{exp}/over_refusal.json", 0.25, [0.0, 0.5],
+                                   metric="over_refusal"))
+        write_examples(benign[-1], {0: [0, 0, 1, 0], 1: [0, 0, 0, 1]})
+    bench = tmp_path / "benchmarks"
+    header = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+    for rel, s, rss in (("train/a/train_seed0.tsv", 120.0, 900.0), ("train/a/train_seed1.tsv", 60.0, 1200.0),
+                        ("generate/a/x.tsv", 20.0, 700.0), ("report/report.tsv", 4.0, "-")):
+        (bench / rel).parent.mkdir(parents=True, exist_ok=True)
+        (bench / rel).write_text(header + f"{s}\t0:00:00\t{rss}\t1\t1\t1\t0\t0\t0\t1\n")
+    out = tmp_path / "out"
+    report.main(["--results", *results, *benign, "--experiments", *EXPS, "--baseline", "base",
+                 "--parquet", str(out / "s.parquet"), "--markdown", str(out / "s.md"), "--report_md",
+                 str(out / "r.md"), "--benign", "over_refusal", "--benchmarks", str(bench),
+                 "--runtime", str(out / "runtime.parquet"), "--refusal_scatter", str(out / "refusal.png")])
+    rows = pq.read_table(out / "s.parquet").to_pylist()
+    handled = [x for x in rows if x["metric"] == report.HANDLED]
+    assert len(handled) == 4 and all(x["n"] == 16 and x["n_seeds"] == 2 for x in handled)
+    runtime = pq.read_table(out / "runtime.parquet").to_pylist()
+    assert [x["rule"] for x in runtime] == ["train", "generate", "report"]
+    assert runtime[0]["jobs"] == 2 and runtime[0]["seconds"] == 180.0 and runtime[0]["peak_rss_mb"] == 1200.0
+    assert abs(runtime[0]["share"] - 180 / 204) < 1e-9 and math.isnan(runtime[2]["peak_rss_mb"])
+    text = (out / "r.md").read_text()
+    assert "Where the time went" in text and "| train | 2 | 3.0 min | 88% |" in text
+    assert report.HANDLED in (out / "s.md").read_text()
+    assert (out / "refusal.png").stat().st_size > 0
+
+
+def test_training_curves_one_panel_per_chain(tmp_path):
+    logs = {}
+    for exp, seeds in (("vanilla", 2), ("real6", 1), ("real3", 1)):
+        for s in range(seeds):
+            path = tmp_path / f"models/{exp}/seed{s}/train_log.json"
+            path.parent.mkdir(parents=True)
+            path.write_text(json.dumps({"log_history": [{"step": k, "loss": 2.0 - 0.1 * k - 0.05 * s}
+                                                        for k in range(1, 6)] + [{"step": 5, "train_loss": 1.7}]}))
+            logs.setdefault(exp, []).append(str(path))
+    chains = {"vanilla": "no method", "real6": "preview(mode=real)", "real3": "preview(mode=real)"}
+    panels = report.plot_training_curves(logs, chains, tmp_path / "curves.png")
+    assert panels == ["no method", "preview(mode=real)"]
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    assert report.read_curve(logs["vanilla"][1])[0] == (1, pytest.approx(1.85))
+    with pytest.raises(DataError, match="cannot read training log"):
+        report.read_curve(tmp_path / "missing.json")

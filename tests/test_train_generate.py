@@ -1,4 +1,5 @@
 import json
+import os
 
 import pyarrow.parquet as pq
 import pytest
@@ -43,6 +44,37 @@ def test_lora_training_writes_adapter_and_log(tiny_model_dir, tmp_path):
     assert log["examples"] == 16 and log["chat_template_sha256"] == info["chat_template_sha256"]
     assert any("loss" in h for h in log["log_history"])
     assert not (out / "trainer").exists()
+    # dtype auto resolved by the machine's capability, recorded with the machine
+    assert log["precision"]["requested"] == "auto" and log["precision"]["dtype"] in ("float32", "bfloat16")
+    assert log["hardware"]["cpu"]
+
+
+def test_report_to_tensorboard_writes_event_files_under_the_run_name(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    data = tmp_path / "train.parquet"
+    write_table(records_to_table([{"id": str(i), "messages": conv(f"q{i}", f"a{i}")} for i in range(8)]), data)
+    train.train(str(tiny_model_dir), [str(data)], str(tmp_path / "m"),
+                {"epochs": 1, "batch_size": 4, "report_to": "tensorboard"}, run_name="exp/seed0/train")
+    events = list((tmp_path / "logs/tensorboard/exp/seed0/train").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+    assert "TENSORBOARD_LOGGING_DIR" not in os.environ  # set for the Trainer only
+
+
+def test_report_to_errors_name_the_extra(monkeypatch):
+    import importlib.util
+
+    for var in ("TENSORBOARD_LOGGING_DIR", "WANDB_RUN_GROUP"):
+        monkeypatch.delenv(var, raising=False)
+    assert train.tracker_list("none") == [] and train.tracker_list(None) == []
+    with pytest.raises(train.TrackerError, match="unknown tracker 'neptune'"):
+        train.tracker_list("neptune")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(train.TrackerError, match=r"pip install 'safeft\[wandb\]'"):
+        train.tracker_list(["wandb"])
+    env = train.tracker_environment(["tensorboard", "wandb"], "demo_x/seed1/train")
+    assert env == {"TENSORBOARD_LOGGING_DIR": "logs/tensorboard/demo_x/seed1/train", "WANDB_RUN_GROUP": "demo_x"}
 
 
 def test_full_finetune_and_merge_change_weights(tiny_model_dir, tmp_path):

@@ -81,8 +81,27 @@ def test_tiny_end_to_end(tiny_run):
     assert all(r["messages"][1] == s["messages"][1] for r, s in zip(train, raw, strict=True))
     virtual = pq.read_table(tiny_run / "data/tiny_virtual/train.parquet").to_pylist()
     assert all(r["messages"][1]["content"].startswith("Let's solve this problem. ") for r in virtual)
-    for rule in ("train", "generate", "preview", "score", "judge", "realign"):
-        assert list((tiny_run / "benchmarks").rglob(f"{rule}*.tsv")), rule
+    for rule in ("train", "generate", "preview", "score", "judge", "realign_shard"):
+        assert list((tiny_run / "benchmarks" / rule).rglob("*.tsv")), rule
+
+
+@pytest.mark.slow
+def test_tiny_run_report_extras(tiny_run):
+    report = tiny_run / "results/report"
+    # time per rule, summed from the benchmark files
+    runtime = pq.read_table(report / "runtime.parquet").to_pylist()
+    rules = {r["rule"] for r in runtime}
+    assert {"train", "generate", "align", "score"} <= rules and abs(sum(r["share"] for r in runtime) - 1) < 1e-6
+    assert "Where the time went" in (report / "report.md").read_text()
+    # harmful refused + benign answered, where an experiment has both
+    summary = pq.read_table(report / "summary.parquet").to_pylist()
+    handled = [r for r in summary if r["metric"] == "handled_right"]
+    assert [r["experiment"] for r in handled] == ["tiny_vanilla"] and handled[0]["n"] == 16
+    assert (report / "safety_vs_over_refusal.png").stat().st_size > 0
+    # loss curves, and the tensorboard event files of report_to: tensorboard under the run name
+    assert (report / "training_curves.png").stat().st_size > 0
+    assert list((tiny_run / "logs/tensorboard/tiny_real6/seed1/train").glob("events.out.tfevents.*"))
+    assert list((tiny_run / "logs/tensorboard/tiny_aligned/seed0/align").glob("events.out.tfevents.*"))
 
 
 @pytest.mark.slow

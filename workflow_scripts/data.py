@@ -1,5 +1,6 @@
 """Read a user's JSON, JSONL, CSV or Parquet file through a named preset or a field mapping and normalise
-it to the canonical table (`id` + `messages`, optional `reference`/`category`/`source`); also download files.
+it to the canonical table (`id` + `messages`, optional `reference`/`category`/`source`), keeping only the
+rows a `where` filter selects; also download files and Hugging Face Hub datasets.
 
 Where an error says `row N`: for JSONL and CSV it is the 1-based line number in the file (the CSV header is
 line 1), for JSON the 0-based index of the item in the list, for Parquet the 0-based row index (as in
@@ -11,9 +12,12 @@ from __future__ import annotations
 import argparse
 import csv
 import gzip
+import hashlib
 import http.client
 import io as _stdio
 import json
+import os
+import re
 import sys
 import urllib.error
 import urllib.request
@@ -23,7 +27,16 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from workflow_scripts.io import DataError, atomic_file, content_id, records_to_table, write_table
+from workflow_scripts.io import (
+    DataError,
+    atomic_file,
+    content_id,
+    decisions_table,
+    records_to_table,
+    sha256_file,
+    write_json,
+    write_table,
+)
 
 FIELD_KEYS = ("id", "system", "prompt", "input", "response", "messages", "reference", "category")
 FORMATS = ("json", "jsonl", "csv", "parquet")
@@ -372,16 +385,29 @@ def _kind(value: object) -> str:
 
 def read_records(path: str | Path, preset: str | None = None, fields: dict[str, str | None] | None = None,
                  fmt: str | None = None, source: str | None = None, id_prefix: str | None = None,
-                 limit: int | None = None) -> pa.Table:
+                 limit: int | None = None, where: dict | None = None) -> pa.Table:
     """Read `path` and return the canonical table; raise io.DataError on the first malformed row.
 
     `fields` maps canonical keys (id, system, prompt, input, response, messages, reference, category) to
     source columns and overrides the preset's (a key mapped to None or "" is switched off); a column named
     here must be present in every record. `id_prefix` goes before every id, from the source or a content
-    hash. `limit` keeps the first N records (later ones are not checked).
+    hash. `where` keeps only the source rows it selects (see `where_mismatch`). `limit` keeps the first N
+    records (later ones are not checked).
+    """
+    return read_filtered(path, preset, fields, fmt, source, id_prefix, limit, where)[0]
+
+
+def read_filtered(path: str | Path, preset: str | None = None, fields: dict[str, str | None] | None = None,
+                  fmt: str | None = None, source: str | None = None, id_prefix: str | None = None,
+                  limit: int | None = None, where: dict | None = None) -> tuple[pa.Table, pa.Table]:
+    """read_records plus the decisions table (id, kept, reason, score) of every source row read.
+
+    A row that `where` drops is not checked; its id is the one it would have had, else the source's `id`
+    column, else a hash of the raw row.
     """
     path = Path(path)
     _check_options(preset, fields or {})  # before reading, so a typo is not reported as bad data
+    missing = set(check_where(where)) if where is not None else set()
     fmt = fmt or infer_format(path)
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
@@ -394,6 +420,7 @@ def read_records(path: str | Path, preset: str | None = None, fields: dict[str, 
     mapper: _Mapper | None = None
     records: list[dict] = []
     seen: dict[str, int] = {}
+    decisions: list[tuple[str, bool, str]] = []
     for row, obj in rows:
         if not isinstance(obj, dict):
             raise DataError(path, row, None, f"expected an object, got {_kind(obj)}")
@@ -402,6 +429,11 @@ def read_records(path: str | Path, preset: str | None = None, fields: dict[str, 
                 mapper = _Mapper(path, *resolve_mapping(preset, fields, obj))
             except ValueError as e:
                 raise DataError(path, None, None, str(e)) from None
+        missing -= obj.keys()
+        why_not = where_mismatch(obj, where) if where else None
+        if why_not is not None:
+            decisions.append((_dropped_id(mapper, row, obj, id_prefix), False, f"where: {why_not}"))
+            continue
         rec = mapper.record(row, obj)
         if rec["id"] is not None:
             rec["id"] = f"{id_prefix or ''}{rec['id']}"
@@ -418,11 +450,86 @@ def read_records(path: str | Path, preset: str | None = None, fields: dict[str, 
         if source is not None:
             rec["source"] = source
         records.append(rec)
+        decisions.append((rec["id"], True, "where: matches" if where else "no where filter"))
         if limit is not None and len(records) >= limit:
             break
-    if not records:
+    if not decisions:
         raise DataError(path, None, None, "no records (the file is empty)")
-    return records_to_table(records)
+    for _, obj in rows if missing else ():  # stopped at the limit: look for the where fields in the rest
+        if isinstance(obj, dict):
+            missing -= obj.keys()
+    if missing:
+        raise DataError(path, None, sorted(missing)[0], "named in `where`, but no row has this field")
+    if not records:
+        raise DataError(path, None, None, f"no row matches where {json.dumps(where, default=str)} "
+                        f"({len(decisions)} rows read, all dropped)")
+    ids, kept, reasons = (list(c) for c in zip(*decisions, strict=True))
+    return records_to_table(records), decisions_table(ids, kept, reasons, [None] * len(ids))
+
+
+def _dropped_id(mapper: _Mapper, row: int, obj: dict, id_prefix: str | None) -> str:
+    try:
+        rec = mapper.record(row, obj)
+        ident = rec["id"] if rec["id"] is not None else content_id(rec["messages"])
+    except DataError:  # a dropped row is not checked, so it may not map
+        raw_id = obj.get(mapper.mapping.get("id") or "id")
+        ident = str(raw_id) if isinstance(raw_id, (str, int)) and raw_id != "" else _raw_hash(obj)
+    return f"{id_prefix or ''}{ident}"
+
+
+def _raw_hash(obj: dict) -> str:
+    blob = json.dumps(obj, ensure_ascii=False, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode("utf-8", errors="surrogateescape")).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- row filter (`where`)
+
+
+def check_where(where: object, at: str = "where") -> list[str]:
+    """Raise ValueError unless `where` is {field: value or [values], not: {...}}; return the fields it names."""
+    if not isinstance(where, dict) or not where:
+        raise ValueError(f"{at}: expected a non-empty mapping of field to value (or list of values)")
+    named = []
+    for field, wanted in where.items():
+        if field == "not":
+            named += check_where(wanted, f"{at}.not")
+            continue
+        values = wanted if isinstance(wanted, list) else [wanted]
+        if not values or any(isinstance(v, (dict, list)) for v in values):
+            raise ValueError(f"{at}.{field}: expected a value or a non-empty list of values")
+        named.append(str(field))
+    return named
+
+
+def where_mismatch(obj: dict, where: dict) -> str | None:
+    """None when the source row matches `where`, else why not.
+
+    `{field: value}` matches a row whose field equals the value; `{field: [a, b]}` one whose field is any of
+    them; `{not: {...}}` a row that does not match the inner filter; several keys must all match. A row
+    without the field does not match it (so `not` keeps it). Text from CSV matches numbers written the same.
+    """
+    for field, wanted in where.items():
+        if field == "not":
+            if where_mismatch(obj, wanted) is None:
+                return f"matches not {json.dumps(wanted, default=str)}"
+        elif field not in obj:
+            return f"no field {field!r}"
+        elif not any(_same(obj[field], w) for w in (wanted if isinstance(wanted, list) else [wanted])):
+            return f"{field} is {_short(obj[field])}, not {'in ' if isinstance(wanted, list) else ''}{wanted!r}"
+    return None
+
+
+def _same(value: object, wanted: object) -> bool:
+    if isinstance(value, bool) or isinstance(wanted, bool):
+        return type(value) is type(wanted) and value == wanted
+    if isinstance(value, str) and isinstance(wanted, (int, float)):
+        return value == str(wanted)
+    return value == wanted
+
+
+def _short(value: object, n: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= n else text[: n - 3] + "..."
 
 
 # ---------------------------------------------------------------- download
@@ -447,6 +554,119 @@ def download(url: str, dest: str | Path, timeout: float = DOWNLOAD_TIMEOUT_S) ->
     return dest
 
 
+# ---------------------------------------------------------------- Hugging Face Hub datasets
+
+OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+HUB_PROBE_TIMEOUT_S = 5
+# Errors (anywhere in the cause chain) that mean the Hub could not be reached. datasets and huggingface_hub have
+# moved these between modules over versions, so they are matched by class name.
+_UNREACHABLE = {"ConnectionError", "OfflineModeIsEnabled", "LocalEntryNotFoundError", "ConnectError", "ConnectTimeout",
+                "TimeoutException", "TimeoutError", "gaierror"}
+_COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
+
+
+def hub_token(token_env: str | None) -> str | None:
+    """The token held by the environment variable named `token_env`; None leaves it to the library's login."""
+    if not token_env:
+        return None
+    token = os.environ.get(token_env, "").strip()
+    if not token:
+        raise ValueError(f"token_env {token_env}: that environment variable is not set (export the token in it, "
+                         "or drop token_env for a public dataset)")
+    return token
+
+
+def load_hub(name: str, config: str | None = None, split: str = "train", revision: str | None = None,
+             token_env: str | None = None, cache_dir: str | None = None):
+    """One split of a Hub dataset, loaded with the `datasets` library: (datasets.Dataset, provenance dict).
+
+    `name` may also be a local folder: one written by `Dataset.save_to_disk` (or `DatasetDict.save_to_disk`), or
+    a folder of data files that `load_dataset` reads. Provenance: name, config, split, the requested revision
+    and the commit sha it resolved to when the library reports one; never the token. A failure is a
+    RuntimeError with a one-line message; without network it says how to use a local copy instead.
+
+    When the Hub does not answer within HUB_PROBE_TIMEOUT_S, the library is put in offline mode (if it is not
+    imported yet) so that it reads its cache at once instead of retrying for half a minute.
+    """
+    token = hub_token(token_env)
+    offline = [v for v in OFFLINE_VARS if os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")]
+    why = " and ".join(offline) + " set" if offline else "the Hub cannot be reached"
+    if not offline and not Path(name).exists() and not _hub_reachable():
+        os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+    try:
+        import datasets
+
+        folder = Path(name)
+        sha = None
+        if (folder / "state.json").is_file() or (folder / "dataset_dict.json").is_file():
+            ds = datasets.load_from_disk(str(folder))
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise ValueError(f"no split {split!r}; the dataset has {sorted(ds)}")
+                ds = ds[split]
+        else:
+            builder = datasets.load_dataset_builder(name, config, revision=revision, token=token,
+                                                    cache_dir=cache_dir)
+            builder.download_and_prepare()
+            ds = builder.as_dataset(split=split)
+            sha = None if folder.exists() else _commit_sha(builder)
+    except Exception as e:  # every failure becomes one line, with the token scrubbed
+        raise RuntimeError(_hub_error(name, split, e, token, why)) from None
+    info = {"hub": name, "config": config, "split": split, "revision": revision, "sha": sha,
+            "rows": ds.num_rows, "columns": ds.column_names, "datasets_version": datasets.__version__}
+    return ds, info
+
+
+def _commit_sha(builder) -> str | None:
+    # Hub datasets are cached under .../<config>/<version>/<commit sha>; the builder's hash is that sha.
+    for candidate in (getattr(builder, "hash", None), Path(str(getattr(builder, "cache_dir", ""))).name):
+        if isinstance(candidate, str) and _COMMIT_SHA.fullmatch(candidate):
+            return candidate
+    return None
+
+
+def _hub_reachable() -> bool:
+    """Whether the Hub endpoint answers at all (any HTTP status); honours HF_ENDPOINT and proxy variables."""
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=HUB_PROBE_TIMEOUT_S).close()
+    except urllib.error.HTTPError:
+        return True
+    except (OSError, ValueError, http.client.HTTPException):  # URLError, timeouts, refused, a bad endpoint URL
+        return False
+    return True
+
+
+def _hub_error(name: str, split: str, e: BaseException, token: str | None, why: str) -> str:
+    chain: list[BaseException] = []
+    x: BaseException | None = e
+    while x is not None and x not in chain:
+        chain.append(x)
+        x = x.__cause__ or x.__context__
+    if any(cls.__name__ in _UNREACHABLE for x in chain for cls in type(x).__mro__):
+        message = (f"Hub dataset {name!r} is not cached and {why}: download it where there is network "
+                   f"(e.g. datasets.load_dataset({name!r}, split={split!r}).to_parquet('{Path(name).name}.parquet')) "
+                   "and point the dataset's `path:` in the config at that local copy")
+    else:
+        message = f"could not load Hub dataset {name!r}: {type(e).__name__}: {e}"
+    if token:
+        message = message.replace(token, "***")
+    return " ".join(message.split())
+
+
+def download_hub(name: str, dest: str | Path, info_path: str | Path | None = None, **options) -> dict:
+    """Load a Hub dataset split (see load_hub) and write it to `dest` as Parquet, its provenance to `info_path`
+    (default: `dest` with a .json suffix), each through a temporary name. Returns the provenance."""
+    dest = Path(dest)
+    ds, info = load_hub(name, **options)
+    with atomic_file(dest, suffix=".parquet") as tmp:
+        ds.to_parquet(str(tmp))
+    info["file"] = str(dest)
+    info["sha256"] = sha256_file(dest)
+    write_json(info, info_path or dest.with_suffix(".json"))
+    return info
+
+
 # ---------------------------------------------------------------- CLI
 
 
@@ -465,26 +685,51 @@ def main(argv: list[str] | None = None) -> int:
     mode = ap.add_mutually_exclusive_group(required=True)
     mode.add_argument("--input", type=Path, help="file to normalise")
     mode.add_argument("--url", help="URL to download (with --download-to)")
-    ap.add_argument("--download-to", type=Path, help="where --url is saved")
+    mode.add_argument("--hub", help="Hugging Face Hub dataset (or a local dataset folder) to save as Parquet "
+                      "(with --download-to)")
+    ap.add_argument("--download-to", type=Path, help="where --url or --hub is saved")
+    ap.add_argument("--hub-config", help="--hub: the dataset's configuration (subset)")
+    ap.add_argument("--split", default="train", help="--hub: the split (default: train)")
+    ap.add_argument("--revision", help="--hub: branch, tag or commit")
+    ap.add_argument("--token-env", help="--hub: environment variable holding the token for a gated dataset")
+    ap.add_argument("--info", type=Path, help="--hub: provenance JSON to write (default: beside --download-to)")
     ap.add_argument("--format", choices=FORMATS, help="default: from the file name")
     ap.add_argument("--preset", choices=sorted(PRESETS), help="default: detected from the columns")
     ap.add_argument("--field", action="append", default=[], metavar="KEY=COLUMN",
                     help=f"map a canonical key ({', '.join(FIELD_KEYS)}) to a column; KEY= unmaps it")
     ap.add_argument("--source", help="value of the `source` column")
     ap.add_argument("--id-prefix", help="put before every id")
-    ap.add_argument("--limit", type=int, help="keep the first N records")
+    ap.add_argument("--limit", type=int, help="keep the first N records (after --where)")
+    ap.add_argument("--where", type=json.loads, metavar="JSON",
+                    help='keep the source rows it selects, e.g. \'{"label": ["safe"], "not": {"lang": "de"}}\'')
+    ap.add_argument("--decisions", type=Path, help="decisions table (id, kept, reason, score) to write")
     ap.add_argument("--output", type=Path, help="canonical Parquet to write (omit to only validate)")
     args = ap.parse_args(argv)
     try:
-        if args.url:
+        if args.url or args.hub:
             if args.download_to is None:
-                ap.error("--url needs --download-to")
-            download(args.url, args.download_to)
+                ap.error(f"--{'url' if args.url else 'hub'} needs --download-to")
+            if args.url:
+                download(args.url, args.download_to)
+                return 0
+            os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # bars flood a job's log
+            info = download_hub(args.hub, args.download_to, args.info, config=args.hub_config, split=args.split,
+                                revision=args.revision, token_env=args.token_env)
+            at = info["sha"] or info["revision"] or "its latest revision"
+            print(f"{args.hub} ({info['config'] or 'default'}, {info['split']}) at {at}: {info['rows']} rows "
+                  f"-> {args.download_to}")
             return 0
-        table = read_records(args.input, preset=args.preset, fields=_parse_fields(args.field),
-                             fmt=args.format, source=args.source, id_prefix=args.id_prefix, limit=args.limit)
+        table, decisions = read_filtered(args.input, preset=args.preset, fields=_parse_fields(args.field),
+                                         fmt=args.format, source=args.source, id_prefix=args.id_prefix,
+                                         limit=args.limit, where=args.where)
+        if args.decisions:
+            write_table(decisions, args.decisions)
         if args.output:
             write_table(table, args.output)
+        if args.where:
+            kept = sum(decisions.column("kept").to_pylist())
+            print(f"{args.input}: where {json.dumps(args.where)}: kept {kept} of {decisions.num_rows} rows read, "
+                  f"dropped {decisions.num_rows - kept}" + (f" -> {args.decisions}" if args.decisions else ""))
         print(f"{args.input}: {table.num_rows} records" + (f" -> {args.output}" if args.output else ""))
     except (ValueError, OSError, RuntimeError) as e:
         # One line, so a Snakemake log shows the whole error; a DataError already names file, row and field.

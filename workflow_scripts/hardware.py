@@ -9,6 +9,7 @@ the choice is probed, never assumed from the machine a recipe was written on.
 from __future__ import annotations
 
 import logging
+import os
 import platform
 from pathlib import Path
 
@@ -46,6 +47,11 @@ def cpu_model(cpuinfo: str | None = None) -> str:
 
 
 def cpu_has_native_bf16(flags: set[str] | None = None) -> bool:
+    """From the CPU flags; SAFEFT_CPU_BF16=0 (or 1) overrides the probe, e.g. to time on an AVX512 machine what
+    an AVX2 machine will run."""
+    override = os.environ.get("SAFEFT_CPU_BF16")
+    if flags is None and override in ("0", "1"):
+        return override == "1"
     flags = cpu_flags() if flags is None else flags
     return any(f in flags for f in NATIVE_BF16_FLAGS)
 

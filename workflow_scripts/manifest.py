@@ -1,5 +1,6 @@
 """Write results/{exp}/manifest.json: git commit, package versions, the experiment's config hash, input file
-hashes, seeds, and the chat-template hashes seen at training and at generation (they must agree).
+hashes, seeds, the chat-template hashes seen at training and at generation (they must agree), and where the
+experiment's Hub datasets came from (name, config, split, revision and the commit sha they resolved to).
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def training_precision(models: list[Path]) -> dict:
 
 
 def build_manifest(exp: str, exp_config: dict, inputs: list[str], models: list[str], generations: list[str],
-                   seeds: list[int]) -> dict:
+                   seeds: list[int], downloads: list[str] = ()) -> dict:
     hashes = template_hashes([Path(m) for m in models], [Path(g) for g in generations])
     distinct = {h for h in hashes.values() if h}
     return {
@@ -91,6 +92,7 @@ def build_manifest(exp: str, exp_config: dict, inputs: list[str], models: list[s
         "chat_template_sha256": hashes,
         "chat_template_consistent": len(distinct) <= 1,
         "training": training_precision([Path(m) for m in models]),
+        "downloads": {p: json.loads(Path(p).read_text()) for p in downloads},
     }
 
 
@@ -102,10 +104,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--models", nargs="*", default=[])
     ap.add_argument("--generations", nargs="*", default=[])
     ap.add_argument("--seeds", nargs="*", type=int, default=[])
+    ap.add_argument("--downloads", nargs="*", default=[], help="provenance JSON of Hub downloads (hub.json)")
     ap.add_argument("--output", required=True)
     args = ap.parse_args(argv)
     manifest = build_manifest(args.experiment, json.loads(args.config_json), args.inputs, args.models,
-                              args.generations, args.seeds)
+                              args.generations, args.seeds, args.downloads)
     if not manifest["chat_template_consistent"]:
         raise SystemExit(f"error: {args.experiment}: training and generation used different chat templates: "
                          f"{manifest['chat_template_sha256']}")

@@ -17,6 +17,8 @@ import pyarrow.parquet as pq
 from workflow_scripts.io import DataError, atomic_file, write_table
 
 REQUIRED = ("value", "ci95", "n", "n_seeds")
+RUNTIME_SCHEMA = pa.schema([("rule", pa.string()), ("jobs", pa.int64()), ("seconds", pa.float64()),
+                            ("max_seconds", pa.float64()), ("peak_rss_mb", pa.float64()), ("share", pa.float64())])
 NOT_SEPARATED = "†"
 ROW_SCHEMA = pa.schema([
     ("experiment", pa.string()), ("metric", pa.string()), ("scorer", pa.string()), ("unit", pa.string()),
@@ -111,9 +113,105 @@ def pairwise(rows: list[dict], experiments: list[str], baseline: str | None) -> 
     return out
 
 
-def summary_rows(paths: list[str], experiments: list[str], baseline: str | None) -> list[dict]:
-    """Load, check and order the rows; every path must belong to a listed experiment."""
-    rows = collect(paths)
+# ------------------------------------------------------------------------------------- safety and over-refusal
+HANDLED = "handled_right"
+
+
+def handled_rows(paths: list[str], harmful: str | None, benign: list[str]) -> list[dict]:
+    """Per experiment with the harmful metric and every benign metric: the share of all those prompts handled
+    right (a harmful prompt refused, a benign one answered), pooled over prompts, with the two-level bootstrap CI.
+
+    A model that refuses everything scores the benign share of the prompts, one that refuses nothing the
+    harmful share: only one that tells them apart scores high. Reads the per-example Parquet beside each JSON.
+    """
+    from workflow_scripts.score import summarise
+
+    if not harmful or not benign:
+        return []
+    by_exp: dict[str, dict[str, Path]] = {}
+    for p in paths:
+        path = Path(p)
+        by_exp.setdefault(path.parent.name, {})[path.stem] = path
+    out = []
+    for exp, files in by_exp.items():
+        if harmful not in files or not all(b in files for b in benign):
+            continue
+        per_seed: dict[str, list[float]] = {}
+        for metric in [harmful, *benign]:
+            examples = files[metric].with_suffix(".examples.parquet")
+            try:
+                table = pq.read_table(examples, columns=["seed", "value"]).to_pylist()
+            except (OSError, pa.ArrowInvalid, KeyError) as err:
+                raise DataError(examples, None, None, f"cannot read per-example results: {err}") from err
+            for row in table:
+                refused = float(row["value"])
+                per_seed.setdefault(str(row["seed"]), []).append(refused if metric == harmful else 1.0 - refused)
+        r = summarise(per_seed)
+        out.append({"experiment": exp, "metric": HANDLED, "scorer": f"{harmful} + {' + '.join(benign)}",
+                    "unit": "fraction", "value": r["value"], "ci_low": r["ci95"][0], "ci_high": r["ci95"][1],
+                    "n": r["n"], "n_seeds": r["n_seeds"],
+                    "per_seed": [{"seed": k, "value": v} for k, v in r["per_seed"].items()],
+                    "seed_sd": r["seed_sd"], "is_baseline": False, "delta_vs_baseline": None,
+                    "separated_vs_baseline": None, "note": None})
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- run time
+def runtime_rows(bench_dir: str | Path) -> list[dict]:
+    """Wall time and peak memory per rule, summed from Snakemake's benchmark files (benchmarks/<rule>/...tsv):
+    one row per rule, largest total first, with its share of all the time."""
+    import csv
+
+    per_rule: dict[str, dict] = {}
+    root = Path(bench_dir)
+    for f in sorted(root.rglob("*.tsv")) if root.is_dir() else []:
+        rule = f.relative_to(root).parts[0]
+        with f.open(newline="") as fh:
+            records = list(csv.DictReader(fh, delimiter="\t"))
+        if not records:
+            continue
+        # A benchmark with `repeat` has several lines: the job took their mean.
+        seconds = sum(float(r["s"]) for r in records) / len(records)
+        rss = max((float(r["max_rss"]) for r in records if r.get("max_rss") not in (None, "", "-", "NA")),
+                  default=float("nan"))
+        r = per_rule.setdefault(rule, {"rule": rule, "jobs": 0, "seconds": 0.0, "max_seconds": 0.0,
+                                       "peak_rss_mb": float("nan")})
+        r["jobs"] += 1
+        r["seconds"] += seconds
+        r["max_seconds"] = max(r["max_seconds"], seconds)
+        if not math.isnan(rss):
+            r["peak_rss_mb"] = rss if math.isnan(r["peak_rss_mb"]) else max(r["peak_rss_mb"], rss)
+    total = sum(r["seconds"] for r in per_rule.values()) or 1.0
+    rows = sorted(per_rule.values(), key=lambda r: -r["seconds"])
+    for r in rows:
+        r["share"] = r["seconds"] / total
+    return rows
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def runtime_blocks(rows: list[dict]) -> list[tuple]:
+    if not rows:
+        return []
+    total = sum(r["seconds"] for r in rows)
+    body = [[r["rule"], str(r["jobs"]), _minutes(r["seconds"]), f"{100 * r['share']:.0f}%",
+             _minutes(r["seconds"] / r["jobs"]), _minutes(r["max_seconds"]),
+             "n/a" if math.isnan(r["peak_rss_mb"]) else f"{r['peak_rss_mb']:.0f} MiB"] for r in rows]
+    return [("h2", "Where the time went"),
+            ("p", f"Summed from Snakemake's benchmark files (`benchmarks/<rule>/`): {_minutes(total)} of job time "
+                  "in all, the cost of building everything once (jobs that ran in parallel count fully; a rerun "
+                  "replaces its job's figure)."),
+            ("table", ["rule", "jobs", "wall time", "share", "mean per job", "longest job", "peak memory (RSS)"],
+             body)]
+
+
+def summary_rows(paths: list[str], experiments: list[str], baseline: str | None,
+                 extra: list[dict] | None = None) -> list[dict]:
+    """Load, check and order the rows (plus already computed `extra` rows); every path must belong to a listed
+    experiment."""
+    rows = collect(paths) + list(extra or [])
     for r in rows:
         if r["experiment"] not in experiments:
             raise DataError(f"results/{r['experiment']}/{r['metric']}.json", None, "experiment",
@@ -159,7 +257,7 @@ def cell(r: dict | None) -> str:
 
 
 def blocks(rows: list[dict], experiments: list[str], baseline: str | None, notes: dict | None = None,
-           full: bool = True) -> list[tuple]:
+           full: bool = True, runtime: list[dict] | None = None) -> list[tuple]:
     """The report as ("h1"|"h2"|"p"|"table", ...) blocks, rendered to Markdown or HTML by the caller."""
     notes = notes or {}
     metrics = list(dict.fromkeys(r["metric"] for r in rows))
@@ -227,6 +325,8 @@ def blocks(rows: list[dict], experiments: list[str], baseline: str | None, notes
                       ", ".join(f"seed {s['seed']}: {fmt_value(s['value'], r['unit'])}" for s in r["per_seed"]),
                       "n/a" if not _finite(r["seed_sd"]) else f"{r['seed_sd'] * _scale(r['unit']):.1f} pp"]
                      for r in seeded]))
+    if full:
+        out += runtime_blocks(runtime or [])
     return out
 
 
@@ -363,7 +463,7 @@ def _overlap(a, b) -> float:
 
 
 def plot_scatter(rows: list[dict], experiments: list[str], safety: str, utility: str, path: str | Path,
-                 baseline: str | None = None) -> list[str]:
+                 baseline: str | None = None, title: str | None = None) -> list[str]:
     """Safety (y) against utility (x), CI bars both ways, one labelled point per experiment with both metrics.
     Returns the experiments plotted; raises ValueError when none has both."""
     plt = _pyplot()
@@ -391,7 +491,7 @@ def plot_scatter(rows: list[dict], experiments: list[str], safety: str, utility:
         colors.append(color)
     ax.set_xlabel(_axis_label(utility, rows))
     ax.set_ylabel(_axis_label(safety, rows))
-    ax.set_title(f"Safety vs utility: {safety} against {utility}")
+    ax.set_title(title or f"Safety vs utility: {safety} against {utility}")
     ax.grid(True, alpha=0.3)
     xs = [v for e in exps for v in (by[(e, utility)]["ci_low"], by[(e, utility)]["ci_high"], by[(e, utility)]["value"])
           if _finite(v)]
@@ -469,6 +569,58 @@ def plot_bars(rows: list[dict], experiments: list[str], metric: str, path: str |
     plt.close(fig)
 
 
+def read_curve(train_log: str | Path) -> list[tuple[int, float]]:
+    """(step, training loss) points from a training job's train_log.json."""
+    path = Path(train_log)
+    try:
+        history = json.loads(path.read_text()).get("log_history") or []
+    except (OSError, json.JSONDecodeError) as err:
+        raise DataError(path, None, None, f"cannot read training log: {err}") from err
+    return [(int(h["step"]), float(h["loss"])) for h in history if "loss" in h and "step" in h]
+
+
+def plot_training_curves(logs: dict[str, list[str]], chains: dict[str, str], path: str | Path) -> list[str]:
+    """Loss against step for every training job: one panel per method chain (small multiples), one colour per
+    experiment, each seed a thin line and the mean over seeds (at the steps every seed logged) bold. Returns the
+    panel titles, in order."""
+    import numpy as np
+
+    plt = _pyplot()
+    panels: dict[str, list[str]] = {}
+    for exp in logs:
+        panels.setdefault(chains.get(exp) or "no method", []).append(exp)
+    if not panels:
+        raise ValueError("no training logs to plot")
+    cols = min(3, len(panels))
+    rows_n = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.2 * rows_n), squeeze=False, sharey=True)
+    colour = {e: COLORS[i % len(COLORS)] for i, e in enumerate(logs)}
+    for ax, (chain, exps) in zip(axes.flat, panels.items(), strict=False):
+        for exp in exps:
+            curves = [read_curve(p) for p in logs[exp]]
+            curves = [c for c in curves if c]
+            for c in curves:
+                ax.plot([x for x, _ in c], [y for _, y in c], color=colour[exp], lw=0.7, alpha=0.45)
+            if curves:
+                common = sorted(set.intersection(*(set(x for x, _ in c) for c in curves)))
+                mean = [float(np.mean([dict(c)[x] for c in curves])) for x in common]
+                ax.plot(common, mean, color=colour[exp], lw=2.2,
+                        label=f"{exp} ({len(curves)} seed{'s' * (len(curves) != 1)})")
+        ax.set_title(chain, fontsize=9)
+        ax.set_xlabel("optimiser step", fontsize=8)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("training loss")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.suptitle("Training loss per method chain (thin: seeds, bold: their mean)", fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return list(panels)
+
+
 # ---------------------------------------------------------------------------------------------------- terminal
 def print_summary(parquet_path: str | Path, console=None, inputs: list[str] = ()) -> bool:
     """Print summary.parquet as a rich table: value [CI], delta and the not-separated marker. With `inputs` (the
@@ -518,13 +670,18 @@ def print_summary(parquet_path: str | Path, console=None, inputs: list[str] = ()
 def build(results: list[str], experiments: list[str], baseline: str | None, notes: dict, parquet: str,
           markdown_path: str, report_md: str | None = None, html_path: str | None = None,
           scatter: str | None = None, bars_dir: str | None = None, safety: str = "safe_rate",
-          utility: str = "utility") -> list[dict]:
+          utility: str = "utility", benign: list[str] = (), benchmarks: str | None = None,
+          runtime_path: str | None = None, refusal_scatter: str | None = None, curves: str | None = None,
+          train_logs: dict[str, list[str]] | None = None, chains: dict[str, str] | None = None) -> list[dict]:
     """Write every requested output from the results JSONs; returns the summary rows."""
-    rows = summary_rows(results, experiments, baseline)
+    rows = summary_rows(results, experiments, baseline, handled_rows(results, safety, list(benign)))
+    runtime = runtime_rows(benchmarks) if benchmarks else []
+    if runtime_path:
+        write_table(pa.Table.from_pylist(runtime, schema=RUNTIME_SCHEMA), runtime_path)
     write_table(to_table(rows), parquet)
     with atomic_file(markdown_path) as tmp:
         tmp.write_text(markdown(rows, experiments, baseline, notes, full=False))
-    full = blocks(rows, experiments, baseline, notes, full=True)
+    full = blocks(rows, experiments, baseline, notes, full=True, runtime=runtime)
     if report_md:
         with atomic_file(report_md) as tmp:
             tmp.write_text(to_markdown(full))
@@ -533,10 +690,25 @@ def build(results: list[str], experiments: list[str], baseline: str | None, note
             tmp.write_text(to_html(full))
     if scatter:
         plot_scatter(rows, experiments, safety, utility, scatter, baseline)
+    if curves:
+        plot_training_curves(train_logs or {}, chains or {}, curves)
+    if refusal_scatter:
+        plot_scatter(rows, experiments, safety, benign[0], refusal_scatter, baseline,
+                     title=f"Safety vs over-refusal: {safety} against {benign[0]} (lower right is best)")
     if bars_dir:
         for m in dict.fromkeys(r["metric"] for r in rows):
             plot_bars(rows, experiments, m, Path(bars_dir) / f"{m}.png", baseline)
     return rows
+
+
+def _by_experiment(items: list[str]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for item in items:
+        exp, sep, path = item.partition("=")
+        if not sep:
+            raise SystemExit(f"error: --train_logs wants EXP=PATH, got {item!r}")
+        out.setdefault(exp, []).append(path)
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -559,14 +731,24 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--report_md", default=None, help="full report: + pairwise separation and per-seed values")
     ap.add_argument("--html", default=None, help="the full report as one standalone HTML page")
     ap.add_argument("--scatter", default=None, help="safety vs utility PNG")
+    ap.add_argument("--refusal_scatter", default=None, help="safety vs over-refusal PNG (first --benign metric)")
     ap.add_argument("--bars_dir", default=None, help="writes {metric}.png per metric here")
     ap.add_argument("--safety", default="safe_rate", help="metric on the scatter's y axis")
     ap.add_argument("--utility", default="utility", help="metric on the scatter's x axis")
+    ap.add_argument("--benign", nargs="*", default=[],
+                    help=f"over-refusal metrics that join --safety in the {HANDLED} score")
+    ap.add_argument("--benchmarks", default=None, help="Snakemake's benchmarks/ folder: time per rule")
+    ap.add_argument("--runtime", default=None, help="the time-per-rule table as Parquet")
+    ap.add_argument("--curves", default=None, help="training-loss curves PNG (needs --train_logs)")
+    ap.add_argument("--train_logs", nargs="*", default=[], metavar="EXP=TRAIN_LOG",
+                    help="each training job's train_log.json, prefixed by its experiment")
+    ap.add_argument("--chains_json", default="{}", help='{"exp": "its method chain, e.g. preview(real, m=6)"}')
     args = ap.parse_args(argv)
     try:
         rows = build(args.results, args.experiments, args.baseline, json.loads(args.notes_json), args.parquet,
                      args.markdown, args.report_md, args.html, args.scatter, args.bars_dir, args.safety,
-                     args.utility)
+                     args.utility, args.benign, args.benchmarks, args.runtime, args.refusal_scatter,
+                     args.curves, _by_experiment(args.train_logs), json.loads(args.chains_json))
     except (DataError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
     print(markdown(rows, args.experiments, args.baseline, json.loads(args.notes_json), full=False))

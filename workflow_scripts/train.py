@@ -6,6 +6,7 @@ periodic checkpoints so a killed or preempted job resumes where it stopped inste
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -29,7 +30,58 @@ DEFAULT_RECIPE = {
     "warmup_ratio": 0.0, "scheduler": "linear", "weight_decay": 0.0, "lora_r": 16, "lora_alpha": 32,
     "lora_dropout": 0.0, "target_modules": "all-linear", "merge": False, "deepspeed": None,
     "dtype": "auto", "gradient_checkpointing": False, "checkpoint_steps": 200, "global_batch_size": None,
+    "report_to": "none",
 }
+
+@contextlib.contextmanager
+def scoped_environ(values: dict):
+    """Set environment variables for the block only."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+class TrackerError(ValueError):
+    """A recipe's report_to that cannot work here (unknown tracker, its package not installed)."""
+
+
+# Experiment trackers the Trainer can report to: the module that must import, and the extra that installs it.
+TRACKERS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
+            "mlflow": ("mlflow", "mlflow")}
+
+
+def tracker_list(report_to: str | list[str] | None) -> list[str]:
+    """The recipe's `report_to` as the Trainer's list; a tracker whose package is missing is an error that names
+    the extra to install."""
+    import importlib.util
+
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    names = [n for n in names if n and n != "none"]
+    for name in names:
+        if name not in TRACKERS:
+            raise TrackerError(f"recipe report_to: unknown tracker {name!r} (none, {', '.join(TRACKERS)})")
+        module, extra = TRACKERS[name]
+        if importlib.util.find_spec(module) is None:
+            raise TrackerError(f"recipe report_to: {name} needs the `{extra}` extra: pip install 'safeft[{extra}]'")
+    return names
+
+
+def tracker_environment(trackers: list[str], run_name: str, log_root: str = "logs/tensorboard") -> dict:
+    """Where each tracker writes, unless the user's environment already says: TensorBoard event files under
+    logs/tensorboard/<run name> (the checkpoint folder is deleted after training), one W&B group per experiment."""
+    env = {}
+    if "tensorboard" in trackers and not os.environ.get("TENSORBOARD_LOGGING_DIR"):
+        env["TENSORBOARD_LOGGING_DIR"] = str(Path(log_root) / run_name)
+    if "wandb" in trackers and not os.environ.get("WANDB_RUN_GROUP"):
+        env["WANDB_RUN_GROUP"] = run_name.split("/")[0]
+    return env
 
 
 def grad_accum_steps(recipe: dict, world_size: int) -> int:
@@ -137,7 +189,7 @@ class StopOnSignal:
 
 
 def train(base_model: str, data_paths: list[str], out_dir: str, recipe: dict, seed: int = 0,
-          threads: int | None = None, checkpoint_dir: str | None = None) -> dict:
+          threads: int | None = None, checkpoint_dir: str | None = None, run_name: str | None = None) -> dict:
     """Fine-tune `base_model` on the concatenated tables; write adapter (or merged/full weights) to out_dir.
 
     Checkpoints go to `checkpoint_dir` (default: out_dir + ".checkpoints") every `checkpoint_steps` optimiser
@@ -155,6 +207,8 @@ def train(base_model: str, data_paths: list[str], out_dir: str, recipe: dict, se
     )
 
     recipe = {**DEFAULT_RECIPE, **(recipe or {})}
+    trackers = tracker_list(recipe["report_to"])
+    run_name = run_name or Path(out_dir).name
     main_rank = int(os.environ.get("RANK", "0")) == 0
     out = Path(out_dir)
     staging = Path(f"{out_dir}.partial")
@@ -209,7 +263,7 @@ def train(base_model: str, data_paths: list[str], out_dir: str, recipe: dict, se
         # Optimiser state is kept with the weights so a resumed run continues the same trajectory.
         save_strategy="steps" if recipe["checkpoint_steps"] else "no",
         save_steps=recipe["checkpoint_steps"] or 500, save_total_limit=1,
-        report_to=[], seed=seed, data_seed=seed,
+        report_to=trackers, run_name=run_name, seed=seed, data_seed=seed,
         # One loss line per logging step reads better in a job log than a progress bar.
         disable_tqdm=True,
         bf16=precision["dtype"] == "bfloat16", fp16=precision["dtype"] == "float16",
@@ -219,8 +273,10 @@ def train(base_model: str, data_paths: list[str], out_dir: str, recipe: dict, se
         train_sampling_strategy="group_by_length", use_cpu=not torch.cuda.is_available(),
     )
     stop = StopOnSignal()
-    trainer = Trainer(model=model, args=args, train_dataset=examples, callbacks=[stop.callback],
-                      data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE))
+    # The trackers' callbacks read where to write from the environment when the Trainer creates them.
+    with scoped_environ(tracker_environment(trackers, run_name)):
+        trainer = Trainer(model=model, args=args, train_dataset=examples, callbacks=[stop.callback],
+                          data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE))
     start = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.time() - start
@@ -277,6 +333,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--checkpoint_dir", default=None, help="default: OUTPUT.checkpoints")
+    ap.add_argument("--run_name", default=None, help="tracker run name (rules: experiment/seed/rule)")
     args = ap.parse_args(argv)
     recipe = json.loads(args.recipe)
     import torch
@@ -289,8 +346,8 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         info = train(args.base, args.data, args.output, recipe, args.seed, args.threads,
-                     args.checkpoint_dir)
-    except DataError as err:
+                     args.checkpoint_dir, args.run_name)
+    except (DataError, TrackerError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     if not info:  # not the main process of a multi-GPU job
