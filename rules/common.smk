@@ -274,7 +274,7 @@ def generation_args(wildcards):
     g = config.get("generation", {})
     args = [
         f"--backend {g.get('backend', 'hf')}",
-        f"--batch_size {g.get('batch_size', 16)}",
+        f"--batch_size {g.get('batch_size', 'auto')}",
         f"--max_new_tokens {e.get('max_new_tokens', 256)}",
         f"--temperature {e.get('temperature', 0)}",
         f"--top_p {e.get('top_p', 1)}",
