@@ -1,4 +1,5 @@
 # SafeFT: fine-tune LLMs without losing their safety. See README.md for the quick start.
+import glob
 import os
 
 from snakemake.utils import min_version, validate
@@ -20,7 +21,14 @@ include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/models.smk"
 include: "rules/transform.smk"
-include: "rules/realign.smk"
+
+
+# One rule file per training-data method (docs/methods.md): a new method is a new file, no edit here.
+for _method_rules in sorted(glob.glob(os.path.join(workflow.basedir, "rules", "methods", "*.smk"))):
+
+    include: os.path.relpath(_method_rules, workflow.basedir)
+
+
 include: "rules/train.smk"
 include: "rules/generate.smk"
 include: "rules/score.smk"

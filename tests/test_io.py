@@ -43,3 +43,30 @@ def test_content_id_is_stable_and_content_sensitive():
     m = [{"role": "user", "content": "x"}]
     assert io.content_id(m) == io.content_id([dict(m[0])])
     assert io.content_id(m) != io.content_id([{"role": "user", "content": "y"}])
+
+
+def shard_rows(n):
+    return io.records_to_table([{"id": f"r{i}", "messages": [{"role": "user", "content": str(i)}]}
+                                for i in range(n)])
+
+
+def test_split_by_id_is_stable_and_merge_restores_the_order():
+    t = shard_rows(20)
+    a = io.split_by_id(t, 4)
+    b = io.split_by_id(t.take(list(range(19, -1, -1))), 4)
+    assert [sorted(x.column("id").to_pylist()) for x in a] == [sorted(x.column("id").to_pylist()) for x in b]
+    assert sum(x.num_rows for x in a) == 20
+    # Shards come back in any order (each job may also reorder its rows): the merge follows the input's ids.
+    ids = t.column("id").to_pylist()
+    merged = io.merge_by_id(ids, [a[2], a[0].take(list(range(a[0].num_rows - 1, -1, -1))), a[3], a[1]])
+    assert merged.equals(t)
+
+
+def test_merge_by_id_names_lost_and_repeated_rows():
+    t = shard_rows(6)
+    ids = t.column("id").to_pylist()
+    shards = io.split_by_id(t, 2)
+    with pytest.raises(io.DataError, match=r"out.parquet: .*1 missing"):
+        io.merge_by_id(ids, [shards[0], shards[1].slice(1)], "out.parquet")
+    with pytest.raises(io.DataError, match="1 repeated"):
+        io.merge_by_id(ids, [shards[0], shards[1], shards[1].slice(0, 1)], "out.parquet")

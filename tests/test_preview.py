@@ -360,3 +360,39 @@ def test_wrong_typed_field_names_the_file(tmp_path, capsys):
     assert preview.main(argv) == 1
     assert capsys.readouterr().err.strip() == f"TypeError: {src}: Item 2: field 'answer' is a int, not a string."
     assert not (tmp_path / "o.jsonl").exists()
+
+
+# ---------------------------------------------------------------- the workflow's way in: --options
+
+
+def test_options_defaults_are_the_reference_defaults():
+    assert preview.PreviewOptions() == preview.PreviewOptions(mode="real", m=6, P=P, connector=CONNECTOR)
+
+
+def test_options_json_gives_what_the_flags_give(tmp_path, demo_tokenizer_dir):
+    write_table(records_to_table(conversations()), tmp_path / "in.parquet")
+    common = ["--input_file", str(tmp_path / "in.parquet"), "--input_format", "parquet", "--output_format",
+              "parquet", "--tokenizer_path", str(demo_tokenizer_dir)]
+    for mode in ("real", "virtual"):
+        flags, options = tmp_path / f"flags_{mode}.parquet", tmp_path / f"options_{mode}.parquet"
+        assert preview.main([*common, "--output_file", str(flags), "--mode", mode, "--m", "3", "--connector",
+                             " → "]) == 0
+        as_json = json.dumps({"mode": mode, "m": 3, "connector": " → "})
+        assert preview.main([*common, "--output_file", str(options), "--options", as_json]) == 0
+        assert pq.read_table(options).equals(pq.read_table(flags))
+
+
+def test_options_json_defaults_flags_and_errors(capsys):
+    common = ["--input_file", "x", "--output_file", "y", "--input_format", "jsonl", "--output_format", "jsonl"]
+    assert preview.parse_args([*common, "--options", "{}"]).options == preview.PreviewOptions()
+    args = preview.parse_args([*common, "--options", '{"mode": "virtual", "m": 2}', "--m", "3"])
+    assert args.options == preview.PreviewOptions(mode="virtual", m=3)  # a flag wins over the JSON
+    for argv, message in [
+        ([], "the following arguments are required: --mode"),
+        (["--options", '{"mm": 1}'], "preview has no option 'mm'"),
+        (["--options", '{"mode": "imaginary"}'], "unknown mode 'imaginary'"),
+        (["--options", "[1]"], "--options must be a JSON object"),
+    ]:
+        with pytest.raises(SystemExit) as exc:
+            preview.parse_args(common + argv)
+        assert exc.value.code == 2 and message in capsys.readouterr().err

@@ -368,13 +368,6 @@ def test_split_run_merge_cli_restores_order_and_checks_counts(tmp_path, server):
                              [read_table(outs[2])], [pq.read_table(p) for p in decs], "x")
 
 
-def test_split_is_stable_by_id():
-    t = table_of([row(i, "q", "a") for i in range(20)])
-    a = realign.split_table(t, 4)
-    b = realign.split_table(t.take(list(range(19, -1, -1))), 4)
-    assert [sorted(x.column("id").to_pylist()) for x in a] == [sorted(x.column("id").to_pylist()) for x in b]
-
-
 def test_realign_json_round_trip(tmp_path):
     items = [{"id": 0, "items": [{"from": "human", "value": "What is 2+2?", "category": "math_puzzles"},
                                  {"from": "gpt", "value": "4"}]},
@@ -418,3 +411,32 @@ def test_killed_run_resumes_from_the_cache_without_repeating_answers(tmp_path):
     assert len(set(answered)) == 16 + 32
     assert repeats <= 4  # at most the requests in flight when it was killed
     assert [r["tag"] for r in pq.read_table(dec).to_pylist()] == ["rewrite"] * 16
+
+
+# ---------------------------------------------------------------- options and the workflow's side
+
+
+def test_job_paths_name_the_local_files_a_step_reads():
+    step = {"method": "realign", "classifier_model": "tiny", "rewriter_model": "gpt-4o-mini", "tokenizer": "base"}
+    assert realign.job_paths(step, {"tiny": {}}, "models/base/llama") == {
+        "classifier_model": "models/base/tiny", "tokenizer": "models/base/llama"}
+    step = {"method": "realign", "classifier_model": "a", "rewriter_model": "b", "retriever": "bm25",
+            "corpus": "wiki.jsonl", "tokenizer": "tok"}
+    assert realign.job_paths(step, {}, "models/base/llama") == {"corpus": "wiki.jsonl", "tokenizer": "tok"}
+
+
+def test_run_takes_options_as_json_with_flags_on_top(capsys):
+    common = ["run", "--input", "a", "--output", "b", "--decisions", "c"]
+    step = {"classifier_model": "m", "rewriter_model": "m", "temperature": 0, "n": 3}
+    opts = realign.parse_args([*common, "--options", json.dumps(step), "--n", "4"]).options
+    assert opts.n == 4 and opts.temperature == 0.0 and isinstance(opts.temperature, float)
+    assert opts.concurrency == 32 and opts.classifier_backend == "openai"  # RealignOptions' defaults
+    assert realign.parse_args([*common, "--classifier_model", "x", "--rewriter_model", "y"]).options.n == 2
+    for argv, message in [
+        ([], "realign needs option 'classifier_model'"),
+        (["--options", json.dumps({**step, "nn": 1})], "realign has no option 'nn'"),
+        (["--options", json.dumps({**step, "n": 0})], "'n' must be >= 1"),
+    ]:
+        with pytest.raises(SystemExit) as exc:
+            realign.parse_args(common + argv)
+        assert exc.value.code == 2 and message in capsys.readouterr().err

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
@@ -129,6 +130,32 @@ def records_to_table(records: Iterable[dict]) -> pa.Table:
 def decisions_table(ids: list[str], kept: list[bool], reasons: list[str], scores: list[float | None]) -> pa.Table:
     return pa.Table.from_pydict({"id": ids, "kept": kept, "reason": reasons, "score": scores},
                                 schema=DECISIONS)
+
+
+def shard_of(id_: str, n: int) -> int:
+    """Stable shard of an id: the same id lands in the same shard on every run and machine."""
+    return int(hashlib.sha256(id_.encode("utf-8")).hexdigest()[:8], 16) % n
+
+
+def split_by_id(table: pa.Table, n: int) -> list[pa.Table]:
+    """n shards by id hash, each keeping the input's relative order: any stage can scatter its rows this way."""
+    if n < 1:
+        raise ValueError("need at least one shard")
+    shards = pa.array([shard_of(i, n) for i in table.column("id").to_pylist()], pa.int64())
+    return [table.filter(pc.equal(shards, k)) for k in range(n)]
+
+
+def merge_by_id(ids: list[str], shards: list[pa.Table], path: str = "<shards>", what: str = "shards") -> pa.Table:
+    """The shards' rows as one table in the order of `ids` (the input's ids before the split). Every id must come
+    back exactly once: a lost, repeated or unknown row is a DataError naming `path`."""
+    table = pa.concat_tables(shards)
+    got = table.column("id").to_pylist()
+    where = {i: k for k, i in enumerate(got)}
+    if len(where) != len(got) or len(got) != len(ids) or set(where) != set(ids):
+        missing, extra = set(ids) - set(where), set(where) - set(ids)
+        raise DataError(path, None, "id", f"{what} do not match the input: {len(got)} rows for {len(ids)} ids, "
+                        f"{len(missing)} missing, {len(extra)} unknown, {len(got) - len(where)} repeated")
+    return table.take(pa.array([where[i] for i in ids], pa.int64()))
 
 
 def last_turn(messages: list[dict], role: str) -> int:

@@ -2,7 +2,8 @@
 or a fixed phrase P (virtual mode, also prepended to the answer) to each training prompt.
 
 A drop-in for the reference `main.py` of zjunlp/LookAheadTuning (same flags, byte-identical JSON/JSONL output,
-same error text and exit code), batched and streaming, plus canonical Parquet tables for the pipeline.
+same error text and exit code), batched and streaming, plus canonical Parquet tables for the pipeline. The
+workflow hands a step's options over as one JSON object (`--options`), parsed into PreviewOptions.
 """
 
 from __future__ import annotations
@@ -14,15 +15,14 @@ import json
 import re
 import sys
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 
 from workflow_scripts.io import DataError, atomic_file, decisions_table, last_turn, read_table, write_table
+from workflow_scripts.methods import options_from_cli
 
-DEFAULT_M = 6
-DEFAULT_P = "Let's solve this problem. "
-DEFAULT_CONNECTOR = " The answer begins with: "
 BATCH_SIZE = 4096
 PROGRESS_EVERY = 1000  # the reference prints "Processed N items..." at every multiple of this
 
@@ -46,6 +46,20 @@ def _head_pattern(m: int) -> re.Pattern:
     """Matches the text up to its m-th cut point: a printable ASCII character followed by a space."""
     # Atomic, so a text with fewer cut points fails in linear time instead of backtracking through them.
     return re.compile(r"(?:(?>.*?[!-~](?= ))){" + str(m) + "}", re.S)
+
+
+@dataclass(frozen=True)
+class PreviewOptions:
+    """A preview step's options (config.yaml, `--options` or the reference flags): the one home of their defaults."""
+
+    mode: str = "real"
+    m: int = 6
+    P: str = "Let's solve this problem. "
+    connector: str = " The answer begins with: "
+
+    def __post_init__(self):
+        if self.mode not in ("real", "virtual"):
+            raise ValueError(f"unknown mode {self.mode!r}: expected 'real' or 'virtual'")
 
 
 class PreviewError(Exception):
@@ -150,8 +164,9 @@ def answer_previews(texts: list[str], tokenizer, m: int) -> list[str]:
     return [decode(e.tokens[:m]) for e in bt.encode_batch(heads, add_special_tokens=False)]
 
 
-def preview_texts(inputs: list[str], outputs: list[str], mode: str, m: int = DEFAULT_M, P: str = DEFAULT_P,
-                  connector: str = DEFAULT_CONNECTOR, tokenizer=None) -> tuple[list[str], list[str]]:
+def preview_texts(inputs: list[str], outputs: list[str], mode: str, m: int = PreviewOptions.m,
+                  P: str = PreviewOptions.P, connector: str = PreviewOptions.connector,
+                  tokenizer=None) -> tuple[list[str], list[str]]:
     """New (inputs, outputs): real appends connector + the answer's first m tokens to the input and keeps the
     answer; virtual appends connector + P to the input and prepends P to the answer."""
     if mode == "real":
@@ -168,8 +183,8 @@ def _reason(mode: str, m: int) -> str:
     return f"preview:real:m={m}" if mode == "real" else "preview:virtual"
 
 
-def preview_table(table: pa.Table, tokenizer, mode: str, m: int = DEFAULT_M, P: str = DEFAULT_P,
-                  connector: str = DEFAULT_CONNECTOR, source: str = "<table>",
+def preview_table(table: pa.Table, tokenizer, mode: str, m: int = PreviewOptions.m,
+                  P: str = PreviewOptions.P, connector: str = PreviewOptions.connector, source: str = "<table>",
                   batch_size: int = BATCH_SIZE) -> tuple[pa.Table, pa.Table]:
     """Preview a canonical table: the last user turn is the input, the last assistant turn the answer.
 
@@ -307,13 +322,13 @@ def _gather(batch: list, first: int, input_field: str, output_field: str,
 
 
 def _apply(batch: list[dict], inputs: list[str], outputs: list[str], args, tokenizer) -> None:
-    fi, fo, connector = args.input_field, args.output_field, args.connector
-    if args.mode == "real":
-        previews = answer_previews(outputs, tokenizer, args.m)
+    fi, fo, connector = args.input_field, args.output_field, args.options.connector
+    if args.options.mode == "real":
+        previews = answer_previews(outputs, tokenizer, args.options.m)
         for item, text, head in zip(batch, inputs, previews, strict=True):
             item[fi] = text + connector + head
         return
-    P = args.P
+    P = args.options.P
     for item, text in zip(batch, inputs, strict=True):
         item[fi] = text + connector + P
         # Read back rather than reuse `outputs`: when both fields are the same one, the reference prepends
@@ -389,7 +404,7 @@ def run_records(args) -> int:
     else:
         data = _read_json(args.input_file)
     tokenizer = None
-    if args.mode == "real":
+    if args.options.mode == "real":
         try:
             tokenizer = load_tokenizer(args.tokenizer_path)
         except PreviewError:
@@ -427,16 +442,17 @@ def run_records(args) -> int:
 def run_parquet(args) -> int:
     table = read_table(args.input_file)
     tokenizer = None
-    if args.mode == "real":
+    if args.options.mode == "real":
         tokenizer = load_tokenizer(args.tokenizer_path)
-    out, decisions = preview_table(table, tokenizer, args.mode, args.m, args.P, args.connector,
+    opts = args.options
+    out, decisions = preview_table(table, tokenizer, opts.mode, opts.m, opts.P, opts.connector,
                                    source=args.input_file, batch_size=args.batch_size)
     if out.num_rows != table.num_rows:  # pragma: no cover - a preview never adds or drops records
         raise AssertionError("row count changed")
     write_table(out, args.output_file)
     if args.decisions_file:
         write_table(decisions, args.decisions_file)
-    print(f"Previewed {out.num_rows} records ({_reason(args.mode, args.m)}) -> {args.output_file}")
+    print(f"Previewed {out.num_rows} records ({_reason(opts.mode, opts.m)}) -> {args.output_file}")
     return out.num_rows
 
 
@@ -450,15 +466,28 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output_format", type=str, choices=fmts, required=True, help="json, jsonl or parquet")
     p.add_argument("--input_field", type=str, default="input", help="prompt field of a JSON item")
     p.add_argument("--output_field", type=str, default="output", help="answer field of a JSON item")
-    p.add_argument("--mode", type=str, choices=["real", "virtual"], required=True,
+    # The method's options: defaults from PreviewOptions (hence SUPPRESS), given here or in --options.
+    p.add_argument("--mode", type=str, choices=["real", "virtual"], default=argparse.SUPPRESS,
                    help="real: preview the answer's first m tokens; virtual: preview the phrase P")
     p.add_argument("--tokenizer_path", type=str, help="tokenizer folder (real mode)")
-    p.add_argument("--m", type=int, default=DEFAULT_M, help="answer tokens to preview (real mode)")
-    p.add_argument("--P", type=str, default=DEFAULT_P, help="phrase previewed and prepended (virtual mode)")
-    p.add_argument("--connector", type=str, default=DEFAULT_CONNECTOR, help="text between prompt and preview")
+    p.add_argument("--m", type=int, default=argparse.SUPPRESS,
+                   help=f"answer tokens to preview (real mode; default {PreviewOptions.m})")
+    p.add_argument("--P", type=str, default=argparse.SUPPRESS,
+                   help=f"phrase previewed and prepended (virtual mode; default {PreviewOptions.P!r})")
+    p.add_argument("--connector", type=str, default=argparse.SUPPRESS,
+                   help=f"text between prompt and preview (default {PreviewOptions.connector!r})")
+    p.add_argument("--options", dest="options_json", type=str,
+                   help="a preview step's options as one JSON object (mode, m, P, connector); flags win over it")
     p.add_argument("--decisions_file", type=str, help="Parquet decisions table (parquet format only)")
     p.add_argument("--batch_size", type=int, default=BATCH_SIZE, help=argparse.SUPPRESS)
     args = p.parse_args(None if argv is None else list(argv))
+    flags = {k: v for k, v in vars(args).items() if k in ("mode", "m", "P", "connector")}
+    if "mode" not in flags and args.options_json is None:
+        p.error("the following arguments are required: --mode")  # as the reference, unless --options is given
+    try:
+        args.options = options_from_cli(PreviewOptions, "preview", args.options_json, flags)
+    except ValueError as e:
+        p.error(str(e))
     parquet = {args.input_format, args.output_format} & {"parquet"}
     if parquet and args.input_format != args.output_format:
         p.error("parquet input needs parquet output and the other way round")

@@ -1,24 +1,24 @@
 """ReAlign ("Reformatted Alignment", Fan et al. 2024): classify each training instruction into a task type,
 fetch evidence for knowledge-heavy tasks, have an LLM rewrite the response into the task's format, and keep the
-rewrite unless a rule rejects it. CLIs: `convert` (ReAlign JSON <-> Parquet), `split`, `run` (one shard), `merge`.
+rewrite unless a rule rejects it. CLIs: `convert` (ReAlign JSON <-> Parquet), `split`, `run` (one shard), `merge`;
+`run` takes a step's options as one JSON object (`--options`, parsed into RealignOptions) or as flags.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import inspect
 import json
 import re
 import string
 import sys
 import time
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
@@ -29,12 +29,15 @@ from workflow_scripts.io import (
     content_id,
     decisions_table,
     last_turn,
+    merge_by_id,
     read_table,
     records_to_table,
+    split_by_id,
     write_json,
     write_table,
 )
 from workflow_scripts.llm_cache import CachedBackend, model_fingerprint
+from workflow_scripts.methods import option_type, options_from_cli
 from workflow_scripts.realign_retrieve import clean_snippets, make_retriever
 
 TASKS = (
@@ -61,6 +64,42 @@ LEAKS = (START.lower(), END.lower(), "(the revised answer)", "revised answer", "
 _STRIP = string.punctuation.replace("_", "") + string.whitespace + "“”‘’«»"
 CODE_FENCE = re.compile(r"```[\s\S]*?```")
 LENGTH_FLOOR = 0.5  # a rewrite this much shorter than the original has dropped content
+BACKENDS, RETRIEVERS = ("hf", "vllm", "openai"), ("none", "bm25", "serper")
+
+
+@dataclass(frozen=True)
+class RealignOptions:
+    """A realign step's options (config.yaml, `--options` or `run`'s flags): the one home of their defaults.
+    The workflow passes models and the tokenizer as folders (a name from `models` -> models/base/<name>)."""
+
+    classifier_model: str
+    rewriter_model: str
+    classifier_backend: str = "openai"
+    rewriter_backend: str = "openai"
+    classifier_base_url: str | None = None
+    classifier_api_key_env: str | None = None
+    rewriter_base_url: str | None = None
+    rewriter_api_key_env: str | None = None
+    base_url: str | None = None  # the server for both roles unless <role>_base_url is given
+    api_key_env: str | None = None
+    retriever: str = "none"
+    corpus: str | None = None
+    corpus_field: str = "text"
+    serper_url: str | None = None
+    serper_key_env: str | None = None
+    n: int = 2
+    max_new_tokens: int = 2048
+    temperature: float = 0.7
+    top_p: float = 1.0
+    seed: int = 0
+    concurrency: int = 32
+    timeout: float | None = None
+    max_retries: int | None = None
+    tokenizer: str | None = None
+
+    def __post_init__(self):
+        if self.n < 1:
+            raise ValueError("realign option 'n' must be >= 1")
 
 
 # ---------------------------------------------------------------- task criteria and prompts
@@ -272,41 +311,40 @@ def realign_table(table: pa.Table, classifier, rewriter, *, retriever=None, crit
 
 
 
+# ---------------------------------------------------------------- the workflow's side (rules/methods/realign.smk)
+
+
+def job_paths(step: dict, models: Collection[str], base_model: str) -> dict[str, str]:
+    """The files a step's shard job reads, by option: a model named in config `models` is its folder
+    models/base/<name> (else an API model name, no file), tokenizer `base` is the experiment's base model folder
+    `base_model`, and a bm25 retriever reads its corpus. The job gets these paths in place of the names."""
+    paths = {}
+    for role in ("classifier_model", "rewriter_model"):
+        if step[role] in models:
+            paths[role] = f"models/base/{step[role]}"
+    if step.get("tokenizer"):
+        paths["tokenizer"] = base_model if step["tokenizer"] == "base" else step["tokenizer"]
+    if step.get("retriever") == "bm25":
+        paths["corpus"] = step["corpus"]
+    return paths
+
+
 # ---------------------------------------------------------------- sharding
 
 
-def shard_of(id_: str, n: int) -> int:
-    """Stable shard of an id: the same id lands in the same shard on every run and machine."""
-    return int(hashlib.sha256(id_.encode("utf-8")).hexdigest()[:8], 16) % n
-
-
-def split_table(table: pa.Table, n: int) -> list[pa.Table]:
-    """n shards by id hash, each keeping the input's relative order."""
-    if n < 1:
-        raise ValueError("need at least one shard")
-    shards = pa.array([shard_of(i, n) for i in table.column("id").to_pylist()], pa.int64())
-    return [table.filter(pc.equal(shards, k)) for k in range(n)]
+def runs_local_model(step: dict) -> bool:
+    """Whether a step runs a role on a local model (hf or vllm backend) rather than an OpenAI-compatible server."""
+    return any(step.get(f"{role}_backend", RealignOptions.__dataclass_fields__[f"{role}_backend"].default) != "openai"
+               for role in ("classifier", "rewriter"))
 
 
 def merge_shards(source: pa.Table, shards: list[pa.Table], decisions: list[pa.Table],
                  path: str = "<shards>") -> tuple[pa.Table, pa.Table]:
     """One table and one decisions table in the source's order. Every source id must come back exactly once,
     and rows_in == rows tagged rewrite + rows tagged original."""
-    data, dec = pa.concat_tables(shards), pa.concat_tables(decisions)
     ids = source.column("id").to_pylist()
-    for name, t in (("data", data), ("decisions", dec)):
-        got = t.column("id").to_pylist()
-        where = {i: k for k, i in enumerate(got)}
-        if len(where) != len(got) or set(where) != set(ids):
-            missing, extra = set(ids) - set(where), set(where) - set(ids)
-            raise DataError(path, None, "id", f"{name} shards do not match the input: {len(got)} rows for "
-                            f"{len(ids)} ids, {len(missing)} missing, {len(extra)} unknown, "
-                            f"{len(got) - len(where)} repeated")
-        order = pa.array([where[i] for i in ids], pa.int64())
-        if name == "data":
-            data = data.take(order)
-        else:
-            dec = dec.take(order)
+    data = merge_by_id(ids, shards, path, "data shards")
+    dec = merge_by_id(ids, decisions, path, "decisions shards")
     tags = dec.column("tag").to_pylist()
     n_rewrite, n_original = tags.count("rewrite"), tags.count("original")
     if len(ids) != n_rewrite + n_original or not all(dec.column("kept").to_pylist()):
@@ -368,38 +406,38 @@ def to_realign(table: pa.Table, decisions: pa.Table | None = None) -> list[dict]
 # ---------------------------------------------------------------- CLI
 
 
-def _backends(args) -> tuple:
+def _backends(opts: RealignOptions, threads: int | None = None, cache_dir: str | None = None) -> tuple:
     """(classifier, rewriter); one backend object serves both roles when they name the same model and server
     (a local model is loaded once), each role with its own request cache."""
     built, out = {}, []
     for role in ("classifier", "rewriter"):
-        kind, model = getattr(args, f"{role}_backend"), getattr(args, f"{role}_model")
-        url = getattr(args, f"{role}_base_url") or args.base_url
-        key_env = getattr(args, f"{role}_api_key_env") or args.api_key_env
+        kind, model = getattr(opts, f"{role}_backend"), getattr(opts, f"{role}_model")
+        url = getattr(opts, f"{role}_base_url") or opts.base_url
+        key_env = getattr(opts, f"{role}_api_key_env") or opts.api_key_env
         if (kind, model, url, key_env) not in built:
             built[kind, model, url, key_env] = make_backend(
-                kind, model, base_url=url, api_key_env=key_env, concurrency=args.concurrency, timeout=args.timeout,
-                max_retries=args.max_retries, threads=args.threads)
+                kind, model, base_url=url, api_key_env=key_env, concurrency=opts.concurrency, timeout=opts.timeout,
+                max_retries=opts.max_retries, threads=threads)
         backend = built[kind, model, url, key_env]
-        if args.cache_dir:
-            backend = CachedBackend(backend, Path(args.cache_dir) / f"{role}.sqlite",
-                                    f"{kind}:{model_fingerprint(model)}")
+        if cache_dir:
+            backend = CachedBackend(backend, Path(cache_dir) / f"{role}.sqlite", f"{kind}:{model_fingerprint(model)}")
         out.append(backend)
     return tuple(out)
 
 
 def cmd_run(args) -> None:
+    opts = args.options
     table = read_table(args.input)
     criteria = load_criteria(args.criteria)
-    classifier, rewriter = _backends(args)
-    retriever = make_retriever(args.retriever, args.corpus, args.corpus_field, args.serper_url, args.serper_key_env)
-    params = GenParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                       seed=args.seed, batch_size=args.batch_size)
+    classifier, rewriter = _backends(opts, args.threads, args.cache_dir)
+    retriever = make_retriever(opts.retriever, opts.corpus, opts.corpus_field, opts.serper_url, opts.serper_key_env)
+    params = GenParams(max_new_tokens=opts.max_new_tokens, temperature=opts.temperature, top_p=opts.top_p,
+                       seed=opts.seed, batch_size=args.batch_size)
     start = time.time()
     out, decisions, counts = realign_table(table, classifier, rewriter, retriever=retriever, criteria=criteria,
-                                           prompt_dir=args.prompt_dir, n=args.n, params=params,
-                                           count_tokens=token_counter(args.tokenizer), path=args.input,
-                                           retrieve_concurrency=args.concurrency)
+                                           prompt_dir=args.prompt_dir, n=opts.n, params=params,
+                                           count_tokens=token_counter(opts.tokenizer), path=args.input,
+                                           retrieve_concurrency=opts.concurrency)
     write_table(out, args.output)
     write_table(decisions, args.decisions)
     counts["seconds"] = round(time.time() - start, 2)
@@ -409,7 +447,7 @@ def cmd_run(args) -> None:
 
 
 def cmd_split(args) -> None:
-    for shard, path in zip(split_table(read_table(args.input), len(args.outputs)), args.outputs, strict=True):
+    for shard, path in zip(split_by_id(read_table(args.input), len(args.outputs)), args.outputs, strict=True):
         write_table(shard, path)
         print(f"{path}: {shard.num_rows} rows")
 
@@ -448,32 +486,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--output", required=True)
     run.add_argument("--decisions", required=True)
     run.add_argument("--stats", default=None, help="JSON file for the counts")
-    for role, model_default in (("classifier", None), ("rewriter", None)):
-        run.add_argument(f"--{role}_backend", default="openai", choices=["hf", "vllm", "openai"])
-        run.add_argument(f"--{role}_model", required=model_default is None)
-        run.add_argument(f"--{role}_base_url", default=None)
-        run.add_argument(f"--{role}_api_key_env", default=None)
-    run.add_argument("--base_url", default=None, help="server for both roles unless --<role>_base_url is given")
-    run.add_argument("--api_key_env", default=None, help="env var with the API key (both roles)")
-    run.add_argument("--concurrency", type=int, default=32, help="requests in flight (openai) and searches")
-    run.add_argument("--timeout", type=float, default=None)
-    run.add_argument("--max_retries", type=int, default=None)
     run.add_argument("--threads", type=int, default=None, help="CPU threads (hf)")
     run.add_argument("--cache_dir", default=None, help="SQLite request caches (classifier/rewriter) live here")
-    run.add_argument("--retriever", default="none", choices=["none", "bm25", "serper"])
-    run.add_argument("--corpus", default=None, help="bm25: JSONL, Parquet or text-lines corpus")
-    run.add_argument("--corpus_field", default="text")
-    run.add_argument("--serper_url", default=None)
-    run.add_argument("--serper_key_env", default=None, help="env var with the search API key")
-    run.add_argument("--n", type=int, default=2, help="rewrites sampled per item; the longest wins")
-    run.add_argument("--max_new_tokens", type=int, default=2048)
-    run.add_argument("--temperature", type=float, default=0.7)
-    run.add_argument("--top_p", type=float, default=1.0)
     run.add_argument("--batch_size", type=int, default=16, help="hf batch size")
-    run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--tokenizer", default=None, help="tokenizer for lengths (default: whitespace words)")
     run.add_argument("--criteria", default=str(CRITERIA))
     run.add_argument("--prompt_dir", default=str(PROMPT_DIR))
+    run.add_argument("--options", dest="options_json", default=None,
+                     help="the step's options as one JSON object (keys as the flags below, which win over it)")
+    # One flag per RealignOptions field; their defaults live there (hence SUPPRESS).
+    helps = {"base_url": "server for both roles unless --<role>_base_url is given",
+             "api_key_env": "env var with the API key (both roles)",
+             "concurrency": "requests in flight (openai) and searches",
+             "corpus": "bm25: JSONL, Parquet or text-lines corpus",
+             "serper_key_env": "env var with the search API key",
+             "n": "rewrites sampled per item; the longest wins",
+             "tokenizer": "tokenizer for lengths (default: whitespace words)"}
+    choices = {"classifier_backend": BACKENDS, "rewriter_backend": BACKENDS, "retriever": RETRIEVERS}
+    for f in fields(RealignOptions):
+        default = f"(default {f.default})" if f.default not in (None, MISSING) else None
+        text = " ".join(filter(None, [helps.get(f.name), default]))
+        run.add_argument(f"--{f.name}", type=option_type(RealignOptions, f.name), choices=choices.get(f.name),
+                         default=argparse.SUPPRESS, help=text or None)
     split = sub.add_parser("split", help="canonical Parquet -> N shards by id hash")
     split.add_argument("--input", required=True)
     split.add_argument("--outputs", nargs="+", required=True)
@@ -488,8 +521,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     conv.add_argument("--output", required=True)
     conv.add_argument("--decisions", default=None, help="Parquet -> JSON: add each item's tag from here")
     args = ap.parse_args(argv)
-    if args.cmd == "run" and args.n < 1:
-        ap.error("--n must be >= 1")
+    if args.cmd == "run":
+        flags = {f.name: getattr(args, f.name) for f in fields(RealignOptions) if hasattr(args, f.name)}
+        try:
+            args.options = options_from_cli(RealignOptions, "realign", args.options_json, flags)
+        except ValueError as err:
+            ap.error(str(err))
     return args
 
 

@@ -1,6 +1,23 @@
 # ReAlign: split the step's input into shards by id hash, classify + retrieve + rewrite + filter each shard
 # (one job per shard, each with its own request cache so a killed job resumes where it stopped), merge them back.
 # The shard count is workflow-wide (Snakemake's scattergather): config key `realign_shards` or --set-scatter.
+# Options and their defaults: schemas/methods/realign.schema.yaml and workflow_scripts/realign.py (RealignOptions).
+from workflow_scripts import realign
+
+# Shard jobs go to the GPU inference class when any ReAlign step runs a role on a local model (hf or vllm); with
+# only OpenAI-compatible servers they just send requests.
+REALIGN_JOB_CLASS = inference_class(
+    "hf"
+    if any(
+        realign.runs_local_model(step)
+        for x in config["experiments"].values()
+        for step in x.get("methods", [])
+        if step["method"] == "realign"
+    )
+    else "openai"
+)
+
+
 scattergather:
     realign=config.get("realign_shards", 4),
 
@@ -11,7 +28,7 @@ rule realign_split:
     output:
         temp(scatter.realign("data/{{exp}}/steps/{{i}}_realign/in_{scatteritem}.parquet")),
     conda:
-        "../envs/cpu.yaml"
+        "../../envs/cpu.yaml"
     log:
         "logs/{exp}/realign_{i}_split.log",
     benchmark:
@@ -22,7 +39,9 @@ rule realign_split:
 
 rule realign_shard:
     input:
-        unpack(realign_files),
+        # The shard, and the local models, tokenizer folder and BM25 corpus the step's options name.
+        shard="data/{exp}/steps/{i}_realign/in_{scatteritem}.parquet",
+        paths=lambda wc: list(realign.job_paths(step_options(wc), config["models"], base_model(wc.exp)).values()),
     output:
         data=temp("data/{exp}/steps/{i}_realign/out_{scatteritem}.parquet"),
         decisions=temp("data/{exp}/steps/{i}_realign/decisions_{scatteritem}.parquet"),
@@ -30,12 +49,18 @@ rule realign_shard:
     wildcard_constraints:
         scatteritem=r"\d+-of-\d+",
     params:
-        args=realign_args,
+        # The step's options, with those names replaced by the paths the job reads.
+        options=lambda wc: step_json(
+            wc, realign.job_paths(step_options(wc), config["models"], base_model(wc.exp))
+        ),
         # Kept outside the outputs, so a failed or killed job's answers survive for the rerun.
         cache="data/{exp}/steps/{i}_realign/cache/{scatteritem}",
-    threads: config.get("threads", 2)
+    threads: job_threads(REALIGN_JOB_CLASS)
+    resources:
+        **job_class(REALIGN_JOB_CLASS),
     conda:
-        lambda wc: gpu_env(step_options(wc).get("rewriter_backend", "hf"))
+        # gpu_env's path is relative to rules/, and this file is one folder deeper.
+        lambda wc: os.path.join("..", gpu_env(step_options(wc).get("rewriter_backend")))
     log:
         "logs/{exp}/realign_{i}_{scatteritem}.log",
     benchmark:
@@ -43,7 +68,7 @@ rule realign_shard:
     shell:
         "python -m workflow_scripts.realign run --input {input.shard} --output {output.data} "
         "--decisions {output.decisions} --stats {output.stats} --cache_dir {params.cache} --threads {threads} "
-        "{params.args} > {log} 2>&1"
+        "--options {params.options:q} > {log} 2>&1"
 
 
 rule realign_merge:
@@ -55,7 +80,7 @@ rule realign_merge:
         data="data/{exp}/steps/{i}_realign.parquet",
         decisions="data/{exp}/steps/{i}_realign.decisions.parquet",
     conda:
-        "../envs/cpu.yaml"
+        "../../envs/cpu.yaml"
     log:
         "logs/{exp}/realign_{i}_merge.log",
     benchmark:
