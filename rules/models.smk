@@ -37,11 +37,13 @@ rule align:
     wildcard_constraints:
         model=alternation(ALIGNED_MODELS),
     params:
-        recipe=lambda wc: json.dumps(
-            config["recipes"][config["models"][wc.model]["recipe"]], sort_keys=True
-        ),
+        recipe=lambda wc: recipe_json(align_recipe(wc)),
+        seed=0,
         checkpoints="checkpoints/base/{model}",
-    threads: config.get("threads", 2)
+        run_name=lambda wc: f"{wc.model}/seed0/align",
+    threads: job_threads("gpu_train")
+    resources:
+        **job_class("gpu_train", gpus=lambda wc: align_recipe(wc).get("gpus")),
     conda:
         gpu_env()
     log:
@@ -49,9 +51,7 @@ rule align:
     benchmark:
         "benchmarks/align/{model}.tsv"
     shell:
-        "python -m workflow_scripts.train --base {input.base} --data {input.data} --recipe {params.recipe:q} --seed 0 "
-        "--threads {threads} --output {output} --checkpoint_dir {params.checkpoints} "
-        "--run_name {wildcards.model}/seed0/align > {log} 2>&1"
+        TRAIN_COMMAND
 
 
 rule toxicity_model:

@@ -1,4 +1,5 @@
-# train: SFT of the experiment's base model on its (transformed) training data, one run per seed.
+# train: fine-tune the experiment's base model on its (transformed) training data, one run per seed, with the
+# recipe's objective (sft, weighted_sft, dpo); `align` in models.smk runs the same command.
 
 
 rule train:
@@ -8,9 +9,13 @@ rule train:
     output:
         directory("models/{exp}/seed{seed}"),
     params:
-        recipe=lambda wc: json.dumps(config["recipes"][exp_cfg(wc.exp)["recipe"]], sort_keys=True),
+        recipe=lambda wc: recipe_json(exp_recipe(wc)),
+        seed=lambda wc: wc.seed,
         checkpoints="checkpoints/{exp}/seed{seed}",
-    threads: config.get("threads", 2)
+        run_name=lambda wc: f"{wc.exp}/seed{wc.seed}/train",
+    threads: job_threads("gpu_train")
+    resources:
+        **job_class("gpu_train", gpus=lambda wc: exp_recipe(wc).get("gpus")),
     conda:
         gpu_env()
     log:
@@ -18,6 +23,4 @@ rule train:
     benchmark:
         "benchmarks/train/{exp}/train_seed{seed}.tsv"
     shell:
-        "python -m workflow_scripts.train --base {input.base} --data {input.data} --recipe {params.recipe:q} "
-        "--seed {wildcards.seed} --threads {threads} --output {output} --checkpoint_dir {params.checkpoints} "
-        "--run_name {wildcards.exp}/seed{wildcards.seed}/train > {log} 2>&1"
+        TRAIN_COMMAND

@@ -335,7 +335,7 @@ HUB_CONFIG = {
                      "preset": "prompt_response", "where": {"label": ["harmful"], "not": {"lang": "de"}}},
     },
     "models": {"tiny": {"source": "tiny"}},
-    "recipes": {"tiny": {"method": "lora", "epochs": 1, "lr": 1.0e-3, "batch_size": 8, "max_length": 64}},
+    "recipes": {"tiny": {"finetune": "lora", "epochs": 1, "lr": 1.0e-3, "batch_size": 8, "max_length": 64}},
     "evalsets": {"hub_harmful": {"dataset": "hub_eval", "metric": "safe_rate", "max_new_tokens": 4}},
     "experiments": {"hub_exp": {"model": "tiny", "train": "hub_train", "recipe": "tiny",
                                 "eval": {"safe_rate": "hub_harmful"}}},

@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
 
-from workflow_scripts import generate, train
+from workflow_scripts import generate, objectives, train
 from workflow_scripts.io import DataError, records_to_table, write_table
 
 
@@ -17,20 +17,20 @@ def conv(q, a=None):
 def test_labels_cover_only_the_final_answer(tiny_model_dir):
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     messages = [{"role": "system", "content": "be brief"}] + conv("what is 2+2?", "4 #### 4")
-    ex = train.encode_example(tok, messages, max_length=512)
-    answer = [t for t, lab in zip(ex["input_ids"], ex["labels"], strict=True) if lab != train.IGNORE]
+    ex = objectives.encode_example(tok, messages, max_length=512)
+    answer = [t for t, lab in zip(ex["input_ids"], ex["labels"], strict=True) if lab != objectives.IGNORE]
     text = tok.decode(answer)
     assert text.startswith("4 #### 4") and "<|im_end|>" in text
     assert "what is" not in text
     prompt = tok.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
-    assert ex["labels"].count(train.IGNORE) == len(tok(prompt, add_special_tokens=False)["input_ids"])
+    assert ex["labels"].count(objectives.IGNORE) == len(tok(prompt, add_special_tokens=False)["input_ids"])
 
 
 def test_encode_table_errors_name_the_row(tiny_model_dir, tmp_path):
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     table = records_to_table([{"id": "a", "messages": conv("q", "a")}, {"id": "b", "messages": conv("q")}])
     with pytest.raises(DataError, match=r"row 1: field 'messages'"):
-        train.encode_table(tok, table, 64, "x.parquet")
+        objectives.encode_table(tok, table, 64, "x.parquet")
 
 
 def test_lora_training_writes_adapter_and_log(tiny_model_dir, tmp_path):
@@ -84,9 +84,9 @@ def test_full_finetune_and_merge_change_weights(tiny_model_dir, tmp_path):
     data = tmp_path / "train.parquet"
     write_table(records_to_table([{"id": str(i), "messages": conv("hi", "I cannot help")} for i in range(8)]), data)
     before = AutoModelForCausalLM.from_pretrained(tiny_model_dir).model.layers[0].mlp.up_proj.weight
-    for recipe in ({"method": "full", "lr": 1e-3, "batch_size": 4},
-                   {"method": "lora", "merge": True, "lr": 1e-2, "batch_size": 4}):
-        out = tmp_path / recipe["method"]
+    for recipe in ({"finetune": "full", "lr": 1e-3, "batch_size": 4},
+                   {"finetune": "lora", "merge": True, "lr": 1e-2, "batch_size": 4}):
+        out = tmp_path / recipe["finetune"]
         train.train(str(tiny_model_dir), [str(data)], str(out), recipe)
         assert not (out / "adapter_config.json").exists()
         after = AutoModelForCausalLM.from_pretrained(out).model.layers[0].mlp.up_proj.weight

@@ -91,7 +91,7 @@ def test_deepspeed_full_finetune_on_cpu(tiny_model_dir, tmp_path, stage):
     data = write_data(tmp_path / "train.parquet", n=16)
     out = tmp_path / "model"
     repo = Path(__file__).resolve().parents[1]
-    recipe = {"method": "full", "epochs": 1, "batch_size": 4, "lr": 1e-3, "max_length": 64,
+    recipe = {"finetune": "full", "epochs": 1, "batch_size": 4, "lr": 1e-3, "max_length": 64,
               "deepspeed": str(repo / "deepspeed" / f"zero{stage}.json")}
     # The plain CLI, as the rule runs it: it relaunches itself under torchrun because the recipe names DeepSpeed.
     cmd = [sys.executable, "-m", "workflow_scripts.train", "--base", str(tiny_model_dir), "--data", str(data),
@@ -113,9 +113,9 @@ def test_deepspeed_full_finetune_on_cpu(tiny_model_dir, tmp_path, stage):
 
 def test_launch_command_one_process_per_gpu():
     argv = ["--base", "b", "--data", "d", "--output", "o"]
-    assert train.launch_command(argv, {"method": "lora"}, 0) is None
-    assert train.launch_command(argv, {"method": "lora"}, 1) is None
-    cmd = train.launch_command(argv, {"method": "full", "deepspeed": "deepspeed/zero2.json"}, 4)
+    assert train.launch_command(argv, {"finetune": "lora"}, 0) is None
+    assert train.launch_command(argv, {"finetune": "lora"}, 1) is None
+    cmd = train.launch_command(argv, {"finetune": "full", "deepspeed": "deepspeed/zero2.json"}, 4)
     assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4"]
     assert cmd[-6:] == argv
     assert train.launch_command(argv, {"deepspeed": "z.json"}, 0)[5] == "1"

@@ -179,7 +179,7 @@ def test_real_shared_data_on_the_tiny_model(tmp_path, shared_data):
                                "preset": "prompt_response", "fields": {"prompt": "goal", "response": "target"},
                                "limit": 12},
         },
-        "recipes": {"tiny": {"method": "lora", "epochs": 1, "batch_size": 8, "max_length": 1024, "lora_r": 4}},
+        "recipes": {"tiny": {"finetune": "lora", "epochs": 1, "batch_size": 8, "max_length": 1024, "lora_r": 4}},
         "evalsets": {"adv": {"dataset": "advbench_slice", "metric": "safe_rate", "max_new_tokens": 4},
                      "gsm": {"dataset": "gsm8k_test_slice", "metric": "gsm8k", "max_new_tokens": 4}},
         "experiments": {"shared_real6": {"model": "tiny", "train": "gsm8k_slice", "recipe": "tiny",

@@ -1,6 +1,6 @@
-"""Supervised fine-tuning on canonical chat data: loss on the final assistant turn only, the model's own chat
-template, LoRA (peft) or full fine-tuning, fixed seeds, DeepSpeed ZeRO when the recipe names a config, and
-periodic checkpoints so a killed or preempted job resumes where it stopped instead of starting over.
+"""The training lifecycle, written once for every objective (workflow_scripts/objectives.py: sft, weighted_sft,
+dpo): LoRA (peft) or full fine-tuning, fixed seeds, precision by hardware, DeepSpeed ZeRO under torchrun, trackers,
+and periodic checkpoints so a killed or preempted job resumes where it stopped instead of starting over.
 """
 
 from __future__ import annotations
@@ -16,22 +16,35 @@ import sys
 import time
 from pathlib import Path
 
-import pyarrow as pa
-
 from workflow_scripts.hardware import describe as describe_hardware
 from workflow_scripts.hardware import resolve_dtype
-from workflow_scripts.io import DataError, read_table, sha256_file, sha256_text
+from workflow_scripts.io import DataError, sha256_file, sha256_text
+from workflow_scripts.objectives import OBJECTIVES, recipe_problems
 
-IGNORE = -100
 log = logging.getLogger("safeft.train")
 
 DEFAULT_RECIPE = {
-    "method": "lora", "epochs": 1, "lr": 3e-4, "batch_size": 8, "grad_accum": 1, "max_length": 512,
-    "warmup_ratio": 0.0, "scheduler": "linear", "weight_decay": 0.0, "lora_r": 16, "lora_alpha": 32,
-    "lora_dropout": 0.0, "target_modules": "all-linear", "merge": False, "deepspeed": None,
+    "objective": "sft", "finetune": "lora", "epochs": 1, "lr": 3e-4, "batch_size": 8, "grad_accum": 1,
+    "max_length": 512, "warmup_ratio": 0.0, "scheduler": "linear", "weight_decay": 0.0, "lora_r": 16,
+    "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear", "merge": False, "deepspeed": None,
     "dtype": "auto", "gradient_checkpointing": False, "checkpoint_steps": 200, "global_batch_size": None,
     "report_to": "none",
 }
+
+
+class RecipeError(ValueError):
+    """A recipe key that was renamed, belongs to another objective, or has a value no objective takes."""
+
+
+def full_recipe(recipe: dict | None) -> dict:
+    """The recipe with the lifecycle's and its objective's defaults filled in; a wrong key is a RecipeError."""
+    recipe = recipe or {}
+    problems = recipe_problems(recipe)
+    if problems:
+        raise RecipeError("; ".join(problems))
+    recipe = {**DEFAULT_RECIPE, **recipe}
+    return {**OBJECTIVES[recipe["objective"]].defaults, **recipe}
+
 
 @contextlib.contextmanager
 def scoped_environ(values: dict):
@@ -102,43 +115,6 @@ def template_hash(tokenizer) -> str:
     return sha256_text(tokenizer.chat_template or "")
 
 
-def encode_example(tokenizer, messages: list[dict], max_length: int) -> dict:
-    """Token ids of the whole conversation with labels only on the final assistant turn.
-
-    The prompt is rendered with add_generation_prompt=True, exactly as generation will see it; the full
-    conversation must extend it token for token, or the template cannot be used for masked SFT.
-    """
-    if not messages or messages[-1]["role"] != "assistant":
-        raise ValueError("the last message must be the assistant turn to train on")
-    prompt_text = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
-    full_text = tokenizer.apply_chat_template(messages, tokenize=False)
-    if not full_text.startswith(prompt_text):
-        raise ValueError("chat template renders the prompt differently with and without the answer")
-    # The template already writes any BOS/special tokens itself.
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    full_ids = tokenizer(full_text, add_special_tokens=False)["input_ids"]
-    if full_ids[: len(prompt_ids)] != prompt_ids:
-        # Tokenisation across the boundary merged tokens: fall back to concatenating the two pieces.
-        answer_ids = tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
-        full_ids = prompt_ids + answer_ids
-    labels = [IGNORE] * len(prompt_ids) + full_ids[len(prompt_ids):]
-    full_ids, labels = full_ids[:max_length], labels[:max_length]
-    return {"input_ids": full_ids, "attention_mask": [1] * len(full_ids), "labels": labels}
-
-
-def encode_table(tokenizer, table: pa.Table, max_length: int, path: str = "<table>") -> list[dict]:
-    out = []
-    for row, messages in enumerate(table.column("messages").to_pylist()):
-        try:
-            ex = encode_example(tokenizer, messages, max_length)
-        except ValueError as err:
-            raise DataError(path, row, "messages", str(err)) from err
-        if all(label == IGNORE for label in ex["labels"]):
-            raise DataError(path, row, "messages", f"no answer tokens left within max_length={max_length}")
-        out.append(ex)
-    return out
-
-
 def run_fingerprint(base_model: str, data_paths: list[str], recipe: dict, seed: int) -> str:
     """What a checkpoint was trained on: resuming is only right when all of it is unchanged."""
     return sha256_text(json.dumps({"base": str(base_model), "data": [sha256_file(p) for p in data_paths],
@@ -190,23 +166,18 @@ class StopOnSignal:
 
 def train(base_model: str, data_paths: list[str], out_dir: str, recipe: dict, seed: int = 0,
           threads: int | None = None, checkpoint_dir: str | None = None, run_name: str | None = None) -> dict:
-    """Fine-tune `base_model` on the concatenated tables; write adapter (or merged/full weights) to out_dir.
+    """Fine-tune `base_model` on the concatenated tables with the recipe's objective; write the adapter (or
+    merged/full weights) to out_dir.
 
     Checkpoints go to `checkpoint_dir` (default: out_dir + ".checkpoints") every `checkpoint_steps` optimiser
     steps and are resumed from when the same run is started again; the weights are assembled in
     out_dir + ".partial" and renamed to out_dir only when complete. Under torchrun every rank calls this.
     """
     import torch
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoTokenizer,
-        DataCollatorForSeq2Seq,
-        Trainer,
-        TrainingArguments,
-        set_seed,
-    )
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
-    recipe = {**DEFAULT_RECIPE, **(recipe or {})}
+    recipe = full_recipe(recipe)
+    objective = OBJECTIVES[recipe["objective"]]
     trackers = tracker_list(recipe["report_to"])
     run_name = run_name or Path(out_dir).name
     main_rank = int(os.environ.get("RANK", "0")) == 0
@@ -219,11 +190,9 @@ def train(base_model: str, data_paths: list[str], out_dir: str, recipe: dict, se
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    examples = []
-    for path in data_paths:
-        examples += encode_table(tokenizer, read_table(path), recipe["max_length"], path)
-    n_tokens = sum(len(e["input_ids"]) for e in examples)
-    log.info("%d examples, %d tokens from %s", len(examples), n_tokens, data_paths)
+    # Bad data fails here, before a model is loaded.
+    examples = objective.examples(tokenizer, data_paths, recipe)
+    log.info("objective %s: %d examples from %s", recipe["objective"], len(examples), data_paths)
 
     precision = resolve_dtype(recipe["dtype"])
     if precision["warning"] and main_rank:
@@ -243,17 +212,8 @@ def train(base_model: str, data_paths: list[str], out_dir: str, recipe: dict, se
     log.info("resuming from %s", resume) if resume else log.info("starting from step 0")
 
     model = AutoModelForCausalLM.from_pretrained(base_model, dtype=getattr(torch, precision["dtype"]))
-    if recipe["method"] == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(
-            r=recipe["lora_r"], lora_alpha=recipe["lora_alpha"], lora_dropout=recipe["lora_dropout"],
-            target_modules=recipe["target_modules"], task_type="CAUSAL_LM"))
-        model.print_trainable_parameters()
-    elif recipe["method"] != "full":
-        raise ValueError(f"recipe method must be lora or full, not {recipe['method']!r}")
-
-    args = TrainingArguments(
+    args = objective.arguments(
+        recipe,
         output_dir=str(checkpoints), num_train_epochs=recipe["epochs"],
         learning_rate=recipe["lr"], per_device_train_batch_size=recipe["batch_size"],
         gradient_accumulation_steps=grad_accum_steps(recipe, int(os.environ.get("WORLD_SIZE", "1"))),
@@ -275,8 +235,11 @@ def train(base_model: str, data_paths: list[str], out_dir: str, recipe: dict, se
     stop = StopOnSignal()
     # The trackers' callbacks read where to write from the environment when the Trainer creates them.
     with scoped_environ(tracker_environment(trackers, run_name)):
-        trainer = Trainer(model=model, args=args, train_dataset=examples, callbacks=[stop.callback],
-                          data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE))
+        trainer = objective.trainer(model, tokenizer, examples, recipe, args, [stop.callback])
+    if recipe["finetune"] == "lora":
+        trainer.model.print_trainable_parameters()
+    n_tokens = objective.tokens(trainer)
+    log.info("%d tokens per epoch", n_tokens)
     start = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.time() - start
@@ -285,7 +248,7 @@ def train(base_model: str, data_paths: list[str], out_dir: str, recipe: dict, se
         raise SystemExit(143)
 
     # Every rank takes part: ZeRO-3 gathers the partitioned weights; only the main process writes.
-    if recipe["method"] == "lora" and recipe["merge"]:
+    if recipe["finetune"] == "lora" and recipe["merge"]:
         if trainer.is_world_process_zero():
             trainer.model.merge_and_unload().save_pretrained(staging, safe_serialization=True)
     else:
@@ -295,6 +258,7 @@ def train(base_model: str, data_paths: list[str], out_dir: str, recipe: dict, se
     tokenizer.save_pretrained(staging)
     info = {
         "base_model": str(base_model), "data": [str(p) for p in data_paths], "recipe": recipe,
+        "objective": recipe["objective"],
         "seed": seed, "examples": len(examples), "tokens": n_tokens, "train_seconds": round(seconds, 1),
         "tokens_per_second": round(n_tokens * recipe["epochs"] / seconds, 1) if not resume else None,
         "resumed_from": Path(resume).name if resume else None, "global_step": trainer.state.global_step,
@@ -336,6 +300,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--run_name", default=None, help="tracker run name (rules: experiment/seed/rule)")
     args = ap.parse_args(argv)
     recipe = json.loads(args.recipe)
+    problems = recipe_problems(recipe)
+    if problems:  # before torchrun starts one process per GPU to say the same
+        print("error: " + "; ".join(problems), file=sys.stderr)
+        raise SystemExit(2)
     import torch
 
     command = launch_command(sys.argv[1:] if argv is None else argv, recipe, torch.cuda.device_count())
@@ -347,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         info = train(args.base, args.data, args.output, recipe, args.seed, args.threads,
                      args.checkpoint_dir, args.run_name)
-    except (DataError, TrackerError) as err:
+    except (DataError, TrackerError, RecipeError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     if not info:  # not the main process of a multi-GPU job
