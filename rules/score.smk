@@ -1,5 +1,5 @@
 # score: results/{exp}/{metric}.json (value, n, 95% CI over seeds and prompts, per seed) + per-example Parquet,
-# one rule per kind of scorer, and the experiment's manifest.
+# one rule per kind of scorer (both judge scorers share `judge`), and the experiment's manifest.
 
 
 rule score:
@@ -33,9 +33,12 @@ rule judge:
     wildcard_constraints:
         metric=alternation(METRICS_BY_RULE.get("judge", [])),
     params:
+        command=judge_command,
         args=judge_args,
         seeds=lambda wc: " ".join(str(s) for s in exp_seeds(wc.exp)),
-    threads: config.get("threads", 2)
+    threads: job_threads("gpu_infer")
+    resources:
+        **job_class("gpu_infer"),
     conda:
         lambda wc: gpu_env(judge_backend(wc))
     log:
@@ -43,32 +46,8 @@ rule judge:
     benchmark:
         "benchmarks/judge/{exp}/judge_{metric}.tsv"
     shell:
-        "python -m workflow_scripts.judge harmfulness --generations {input.generations} --seeds {params.seeds} "
+        "python -m workflow_scripts.judge {params.command} --generations {input.generations} --seeds {params.seeds} "
         "{params.args} --threads {threads} --name {wildcards.metric} --output {output.result} > {log} 2>&1"
-
-
-rule judge_winrate:
-    input:
-        unpack(judge_inputs),
-    output:
-        result="results/{exp}/{metric}.json",
-        examples="results/{exp}/{metric}.examples.parquet",
-    wildcard_constraints:
-        metric=alternation(METRICS_BY_RULE.get("judge_winrate", [])),
-    params:
-        args=judge_args,
-        seeds=lambda wc: " ".join(str(s) for s in exp_seeds(wc.exp)),
-    threads: config.get("threads", 2)
-    conda:
-        lambda wc: gpu_env(judge_backend(wc))
-    log:
-        "logs/{exp}/judge_winrate_{metric}.log",
-    benchmark:
-        "benchmarks/judge_winrate/{exp}/judge_winrate_{metric}.tsv"
-    shell:
-        "python -m workflow_scripts.judge winrate --generations {input.generations} --seeds {params.seeds} "
-        "--baseline_generations {input.baseline} {params.args} --threads {threads} --name {wildcards.metric} "
-        "--output {output.result} > {log} 2>&1"
 
 
 rule toxicity:

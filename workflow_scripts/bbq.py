@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from workflow_scripts.io import DataError, write_table
 from workflow_scripts.judge import PROMPTS_DIR, load_prompt
-from workflow_scripts.score import load_generations, write_outputs
+from workflow_scripts.scoring import add_generation_args, load_generations, write_result
 
 PROMPT = PROMPTS_DIR / "bbq_v1.txt"
 LETTERS = "ABC"  # BBQ's ans0, ans1, ans2
@@ -301,8 +301,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--metadata", default=None, help="BBQ analysis_scripts/additional_metadata.csv (target_loc)")
     p.add_argument("--per_category", type=int, default=None, help="first N items of each file")
     s = sub.add_parser("score", help="accuracy and bias scores of generated answers")
-    s.add_argument("--generations", nargs="+", required=True, help="one generation Parquet per seed")
-    s.add_argument("--seeds", nargs="*", type=int, default=None)
+    add_generation_args(s)
     s.add_argument("--eval_set", required=True, help="the Parquet `prepare` wrote (bias columns, joined by id)")
     s.add_argument("--name", default=None)
     s.add_argument("--output", required=True, help="results JSON; per-example Parquet goes beside it")
@@ -318,14 +317,10 @@ def main(argv: list[str] | None = None) -> None:
     except (DataError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    result["name"] = args.name or "bbq"
-    result["eval_set"] = {"path": args.eval_set, **eval_meta}
-    result["generation"] = generations[0][3]
-    result["generation_files"] = [g[1] for g in generations]
-    write_outputs(result, examples, args.output)
-    print(f"{result['name']}: s_AMB {result['value']:.4f} (95% CI {result['ci95'][0]:.4f}-{result['ci95'][1]:.4f}), "
-          f"s_DIS {result['bias_disambig']['value']:.4f}, accuracy {result['accuracy']['value']:.4f}, "
-          f"n={result['n']}, unparsed={result['n_unparsed']}")
+    write_result(result, examples, args.output, args.name or "bbq", generations,
+                 note=f"value = s_AMB; s_DIS {result['bias_disambig']['value']:.4f}, "
+                      f"accuracy {result['accuracy']['value']:.4f}, unparsed={result['n_unparsed']}",
+                 eval_set={"path": args.eval_set, **eval_meta})
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ import numpy as np
 
 from workflow_scripts.generate import GenParams, make_backend, redact_url
 from workflow_scripts.io import DataError, last_turn, sha256_text
-from workflow_scripts.score import is_refusal, load_generations, summarise, write_outputs
+from workflow_scripts.score import is_refusal, summarise
+from workflow_scripts.scoring import add_generation_args, load_generations, write_result
 
 PROMPTS_DIR = Path(__file__).resolve().parents[1] / "prompts"
 HARMFULNESS_PROMPT = PROMPTS_DIR / "judge_harmfulness_v1.txt"
@@ -277,8 +278,7 @@ def main(argv: list[str] | None = None) -> None:
     sub = ap.add_subparsers(dest="command", required=True)
     for name in ("harmfulness", "winrate"):
         p = sub.add_parser(name)
-        p.add_argument("--generations", nargs="+", required=True, help="one generation Parquet per seed")
-        p.add_argument("--seeds", nargs="*", type=int, default=None)
+        add_generation_args(p)
         if name == "winrate":
             p.add_argument("--baseline_generations", nargs="+", required=True,
                            help="the baseline experiment's generations: one file, or one per seed")
@@ -314,18 +314,13 @@ def main(argv: list[str] | None = None) -> None:
     except (DataError, ValueError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    result["name"] = args.name or result["metric"]
-    result["judge"] = {"model": args.model, "backend": args.backend,
-                       "base_url": redact_url(args.base_url) if args.base_url else None, "cache": args.cache,
-                       **prompt_id, "params": asdict(params), "limit": args.limit}
-    result["generation"] = generations[0][3]
-    result["generation_files"] = [g[1] for g in generations]
-    if baselines:
-        result["baseline_files"] = [b[1] for b in baselines]
-        result["baseline_generation"] = baselines[0][3]
-    write_outputs(result, examples, args.output)
-    print(f"{result['name']}: {result['value']:.4f} (95% CI {result['ci95'][0]:.4f}-{result['ci95'][1]:.4f}, "
-          f"n={result['n']}, unparsed={result['n_unparsed']})")
+    judge = {"model": args.model, "backend": args.backend,
+             "base_url": redact_url(args.base_url) if args.base_url else None, "cache": args.cache,
+             **prompt_id, "params": asdict(params), "limit": args.limit}
+    baseline = ({"baseline_files": [b[1] for b in baselines], "baseline_generation": baselines[0][3]}
+                if baselines else {})
+    write_result(result, examples, args.output, args.name or result["metric"], generations,
+                 note=f"unparsed={result['n_unparsed']}", judge=judge, **baseline)
 
 
 if __name__ == "__main__":

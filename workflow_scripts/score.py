@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import re
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from workflow_scripts.io import DataError, atomic_file, write_json
+from workflow_scripts.scoring import add_generation_args, generation_settings, seeded_files, write_result
 
 # From the MIT-licensed LLMs-Finetuning-Safety / LookAheadTuning evaluations (DESIGN.md).
 REFUSAL_PHRASES = [
@@ -130,48 +128,14 @@ def score_rows(rows: list[dict], metric: str) -> list[dict]:
     return out
 
 
-def load_generations(paths: list[str], seeds: list[int] | None = None,
-                     limit: int | None = None) -> list[tuple[int, str, list[dict], dict]]:
-    """(seed, path, rows, generation settings) per generation file; seeds default to 0, 1, ...; `limit` keeps the
-    first N rows of each file (the same prompts for every seed), for judging a sample when judging is costly."""
-    seeds = list(range(len(paths))) if seeds is None else list(seeds)
-    if len(seeds) != len(paths):
-        raise ValueError(f"{len(paths)} generation files but {len(seeds)} seeds")
-    out = []
-    for seed, path in zip(seeds, paths, strict=True):
-        table = pq.read_table(path)
-        for col in ("id", "messages", "completion"):
-            if col not in table.column_names:
-                raise DataError(path, None, col, "missing column (not a generation file?)")
-        meta = json.loads((table.schema.metadata or {}).get(b"safeft", b"{}"))
-        rows = table.to_pylist()[:limit]
-        seen: set[str] = set()
-        for row_no, row in enumerate(rows):
-            if row["id"] in seen:
-                raise DataError(path, row_no, "id", f"duplicate id {row['id']!r}")
-            seen.add(row["id"])
-        out.append((seed, str(path), rows, meta))
-    return out
-
-
-def write_outputs(result: dict, examples: list[dict] | pa.Table, output: str | Path) -> None:
-    """Results JSON at `output`, per-example Parquet beside it (`X.examples.parquet`), both atomic."""
-    out = Path(output)
-    table = examples if isinstance(examples, pa.Table) else pa.Table.from_pylist(examples)
-    with atomic_file(out.with_suffix(".examples.parquet"), suffix=".parquet") as tmp:
-        pq.write_table(table, tmp, compression="zstd")
-    write_json(result, out)
-
-
 def score_files(paths: list[str], metric: str, seeds: list[int] | None = None) -> tuple[dict, pa.Table]:
     """Score each seed's generations; the headline value is the mean over all examples of all seeds."""
-    seeds = seeds or list(range(len(paths)))
+    pairs = seeded_files(paths, seeds)
     per_example = []
     settings = None
-    for seed, path in zip(seeds, paths, strict=True):
+    for seed, path in pairs:
         table = pq.read_table(path)
-        meta = json.loads((table.schema.metadata or {}).get(b"safeft", b"{}"))
-        settings = settings or meta
+        settings = settings or generation_settings(table)
         rows = table.select([c for c in ("id", "completion", "reference", "category")
                              if c in table.column_names]).to_pylist()
         try:
@@ -181,7 +145,7 @@ def score_files(paths: list[str], metric: str, seeds: list[int] | None = None) -
         for row, s in zip(rows, scores, strict=True):
             per_example.append({"id": row["id"], "seed": seed, "category": row.get("category"),
                                 "value": s["value"], "detail": s["detail"]})
-    by_seed: dict = {str(seed): [] for seed in seeds}
+    by_seed: dict = {str(seed): [] for seed, _ in pairs}
     for e in per_example:
         by_seed[str(e["seed"])].append(e["value"])
     result = {
@@ -200,8 +164,7 @@ def score_files(paths: list[str], metric: str, seeds: list[int] | None = None) -
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--generations", nargs="+", required=True, help="one Parquet per seed")
-    ap.add_argument("--seeds", nargs="*", type=int, default=None)
+    add_generation_args(ap)
     ap.add_argument("--metric", required=True, choices=METRICS)
     ap.add_argument("--name", default=None, help="name recorded in the JSON (e.g. safe_rate, utility)")
     ap.add_argument("--output", required=True, help="results JSON; per-example Parquet goes beside it")
@@ -210,10 +173,7 @@ def main(argv: list[str] | None = None) -> None:
         result, examples = score_files(args.generations, args.metric, args.seeds)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
-    result["name"] = args.name or args.metric
-    write_outputs(result, examples, args.output)
-    print(f"{result['name']}: {result['value']:.4f} (95% CI {result['ci95'][0]:.4f}-{result['ci95'][1]:.4f}, "
-          f"n={result['n']})")
+    write_result(result, examples, args.output, args.name or args.metric)
 
 
 if __name__ == "__main__":

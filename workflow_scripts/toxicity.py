@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from workflow_scripts.io import DataError, atomic_dir, atomic_file
-from workflow_scripts.score import load_generations, summarise, write_outputs
+from workflow_scripts.score import summarise
+from workflow_scripts.scoring import add_generation_args, load_generations, write_result
 
 # Detoxify 0.5.4's release files (detoxify/detoxify.py MODEL_URLS); each name ends in its sha256 prefix.
 DOWNLOAD_URL = "https://github.com/unitaryai/detoxify/releases/download/"
@@ -186,8 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("score", help="score generation files")
-    p.add_argument("--generations", nargs="+", required=True, help="one generation Parquet per seed")
-    p.add_argument("--seeds", nargs="*", type=int, default=None)
+    add_generation_args(p)
     p.add_argument("--checkpoint", required=True, help="Detoxify .ckpt (dict with config and state_dict)")
     p.add_argument("--backbone", required=True, help="local folder with the backbone's config.json and tokenizer")
     p.add_argument("--batch_size", type=int, default=32)
@@ -217,16 +217,11 @@ def main(argv: list[str] | None = None) -> None:
     except (DataError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    result["name"] = args.name or "toxicity"
     ckpt_sha = hashlib.sha256(Path(args.checkpoint).read_bytes()).hexdigest()
-    result["classifier"] = {"checkpoint": str(args.checkpoint), "checkpoint_sha256": ckpt_sha,
-                            "backbone": str(args.backbone), **scorer.arch,
-                            "classes": scorer.class_names, "max_length": scorer.max_length}
-    result["generation"] = generations[0][3]
-    result["generation_files"] = [g[1] for g in generations]
-    write_outputs(result, examples, args.output)
-    print(f"{result['name']}: {result['value']:.4f} (95% CI {result['ci95'][0]:.4f}-{result['ci95'][1]:.4f}, "
-          f"n={result['n']}, toxic share {result['toxic_share']['value']:.4f})")
+    classifier = {"checkpoint": str(args.checkpoint), "checkpoint_sha256": ckpt_sha, "backbone": str(args.backbone),
+                  **scorer.arch, "classes": scorer.class_names, "max_length": scorer.max_length}
+    write_result(result, examples, args.output, args.name or "toxicity", generations,
+                 note=f"toxic share {result['toxic_share']['value']:.4f}", classifier=classifier)
 
 
 if __name__ == "__main__":
