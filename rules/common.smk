@@ -3,6 +3,9 @@ import json
 import os
 import shlex
 
+from workflow_scripts.methods import method_schemas, names_in_steps, step_problem
+from workflow_scripts.objectives import recipe_problems
+
 DEMO_DATASETS = [n for n, d in config["datasets"].items() if "generator" in d]
 FILE_DATASETS = [n for n, d in config["datasets"].items() if "url" in d or "path" in d or "hub" in d]
 URL_DATASETS = [n for n, d in config["datasets"].items() if "url" in d]
@@ -45,6 +48,8 @@ def check_config():
     for name, e in evalsets.items():
         if e["dataset"] not in datasets:
             problems.append(f"evalsets.{name}.dataset: unknown dataset {e['dataset']!r}")
+    for name, recipe in recipes.items():
+        problems += recipe_problems(recipe, f"recipes.{name}")
     for name, x in config["experiments"].items():
         if x["model"] not in models:
             problems.append(f"experiments.{name}.model: unknown model {x['model']!r}")
@@ -64,10 +69,13 @@ def check_config():
             if families.setdefault(metric, family) != family:
                 problems.append(f"experiments.{name}.eval.{metric}: metric name {metric!r} is scored by "
                                 f"{family} here and by {families[metric]} elsewhere; give them different names")
-    for name, step in all_steps("realign"):
-        for role in ("classifier", "rewriter"):
-            if f"{role}_model" not in step:
-                problems.append(f"experiments.{name}.methods: realign needs `{role}_model`")
+    # Each method checks its own steps (schemas/methods/<method>.schema.yaml), so a new method needs no edit here.
+    schemas = method_schemas(os.path.join(workflow.basedir, "schemas", "methods"))
+    for name, x in config["experiments"].items():
+        for k, step in enumerate(x.get("methods", [])):
+            problem = step_problem(step, f"experiments.{name}.methods[{k}]", schemas)
+            if problem:
+                problems.append(problem)
     for name in config["report"]["experiments"] + [config["report"].get("baseline")]:
         if name is not None and name not in config["experiments"]:
             problems.append(f"report: unknown experiment {name!r}")
@@ -93,14 +101,9 @@ def check_eval_entry(exp, metric, entry):
     return problems
 
 
-def all_steps(method):
-    return [(name, step) for name, x in config["experiments"].items() for step in x.get("methods", [])
-            if step["method"] == method]
-
-
 # scorer (evalset `metric`, or an eval entry's own `metric`) -> the rule that computes it
 SCORER_RULES = {"safe_rate": "score", "over_refusal": "score", "gsm8k": "score", "rouge1": "score",
-                "judge_harmfulness": "judge", "win_rate": "judge_winrate", "toxicity": "toxicity",
+                "judge_harmfulness": "judge", "win_rate": "judge", "toxicity": "toxicity",
                 "bbq": "bbq_score"}
 
 
@@ -167,6 +170,14 @@ def step_options(wildcards):
     return exp_cfg(wildcards.exp)["methods"][int(wildcards.i) - 1]
 
 
+def step_json(wildcards, replace=None):
+    """The step's options (without `method`) as one JSON object for the method's `--options`, with the dict
+    `replace` on top (e.g. a model name replaced by its folder). As one rule param it still reruns the step when
+    any option changes. (Not `**replace`: Snakemake would pass a params function input, output, threads...)"""
+    opts = {k: v for k, v in step_options(wildcards).items() if k != "method"}
+    return json.dumps({**opts, **(replace or {})}, sort_keys=True)
+
+
 def train_data(wildcards):
     steps = method_steps(wildcards.exp)
     return steps[-1] if steps else raw(exp_cfg(wildcards.exp)["train"])
@@ -202,14 +213,17 @@ def chain_label(exp):
 
 
 def exp_config_subtree(exp):
-    """Everything that defines one experiment; its hash goes into the manifest."""
+    """Everything that defines one experiment; its hash goes into the manifest. Models and datasets that a method
+    step names in any option (a classifier model, a corpus) count too."""
     x = exp_cfg(exp)
-    model = config["models"][x["model"]]
-    models = {x["model"]: model}
-    if model["source"] == "align":
-        models[model["base"]] = config["models"][model["base"]]
-    datasets = [x.get("train")] + [config["evalsets"][e]["dataset"] for e in exp_evalsets(exp)]
-    datasets += model.get("data", [])
+    steps = x.get("methods", [])
+    models, datasets = {}, [x.get("train")] + [config["evalsets"][e]["dataset"] for e in exp_evalsets(exp)]
+    for name in [x["model"], *names_in_steps(steps, config["models"])]:
+        model = models[name] = config["models"][name]
+        if model["source"] == "align":
+            models[model["base"]] = config["models"][model["base"]]
+            datasets += model.get("data", [])
+    datasets += names_in_steps(steps, config["datasets"])
     return {
         "experiment": x,
         "models": models,
@@ -347,12 +361,20 @@ def judge_inputs(wildcards):
     return files
 
 
+# used by score.smk: one judge rule serves both judge scorers, each its own subcommand of the judge CLI
+def judge_command(wildcards):
+    scorer = eval_spec(wildcards.exp, wildcards.metric)["metric"]
+    return {"judge_harmfulness": "harmfulness", "win_rate": "winrate"}[scorer]
+
+
 # used by score.smk
 def judge_args(wildcards):
     spec = eval_spec(wildcards.exp, wildcards.metric)
     judge = config["judges"][spec["judge"]]
     args = [f"--backend {judge.get('backend', 'hf')}", f"--model {shlex.quote(model_or_api(judge['model']))}",
             "--cache cache/judge/{exp}/{metric}.sqlite".format(**wildcards)]
+    if spec["metric"] == "win_rate":
+        args.append("--baseline_generations " + " ".join(judge_inputs(wildcards)["baseline"]))
     for key in ("base_url", "api_key_env", "max_new_tokens", "batch_size", "temperature", "prompt"):
         if key in judge:
             args.append(f"--{key} {shlex.quote(str(judge[key]))}")
@@ -381,48 +403,6 @@ def bbq_eval_set(wildcards):
     return raw(config["evalsets"][exp_evalset(wildcards.exp, wildcards.metric)]["dataset"])
 
 
-# used by realign.smk
-REALIGN_FLAGS = ("classifier_backend", "classifier_base_url", "classifier_api_key_env", "rewriter_backend",
-                 "rewriter_base_url", "rewriter_api_key_env", "base_url", "api_key_env", "retriever",
-                 "corpus_field", "serper_url", "serper_key_env", "n", "max_new_tokens", "temperature", "top_p",
-                 "seed", "concurrency", "timeout", "max_retries")
-
-
-def realign_model(wildcards, role):
-    return model_or_api(step_options(wildcards)[f"{role}_model"])
-
-
-def realign_tokenizer(wildcards):
-    tok = step_options(wildcards).get("tokenizer")
-    return base_model(wildcards.exp) if tok == "base" else tok
-
-
-def realign_files(wildcards):
-    """Local files the shard job reads: the shard, local models, the tokenizer folder and the BM25 corpus."""
-    opts = step_options(wildcards)
-    files = {"shard": "data/{exp}/steps/{i}_realign/in_{scatteritem}.parquet".format(**wildcards)}
-    for role in ("classifier", "rewriter"):
-        if opts[f"{role}_model"] in config["models"]:
-            files[role] = realign_model(wildcards, role)
-    if realign_tokenizer(wildcards):
-        files["tokenizer"] = realign_tokenizer(wildcards)
-    if opts.get("retriever") == "bm25":
-        files["corpus"] = opts["corpus"]
-    return files
-
-
-def realign_args(wildcards):
-    opts = step_options(wildcards)
-    args = [f"--classifier_model {shlex.quote(realign_model(wildcards, 'classifier'))}",
-            f"--rewriter_model {shlex.quote(realign_model(wildcards, 'rewriter'))}"]
-    args += [f"--{key} {shlex.quote(str(opts[key]))}" for key in REALIGN_FLAGS if key in opts]
-    if realign_tokenizer(wildcards):
-        args.append(f"--tokenizer {shlex.quote(realign_tokenizer(wildcards))}")
-    if opts.get("retriever") == "bm25":
-        args.append(f"--corpus {shlex.quote(opts['corpus'])}")
-    return " ".join(args)
-
-
 # used by generate.smk, score.smk, train.smk, models.smk and realign.smk
 def gpu_env(backend="hf"):
     """Conda environment for jobs that may run on a GPU; vLLM has its own (it pins older transformers)."""
@@ -431,3 +411,61 @@ def gpu_env(backend="hf"):
 
 def judge_backend(wildcards):
     return config["judges"][eval_spec(wildcards.exp, wildcards.metric)["judge"]].get("backend", "hf")
+
+
+# used by every rule that may run on a GPU
+def job_class(name, gpus=None):
+    """The resources of one kind of job (`gpu_train`, `gpu_infer`) as the profile defines it under `job_classes`
+    (profiles/slurm maps them to partitions and sizes); none on one machine. `gpus`: a job's own GPU count (a
+    callable of the wildcards), used where the class asks for GPUs at all."""
+    res = {key: int(value) if str(value).isdigit() else value
+           for key, value in config.get("job_classes", {}).get(name, {}).items()}
+    if gpus is not None and "gpu" in res:
+        default = res["gpu"]
+        res["gpu"] = lambda wildcards: gpus(wildcards) or default
+    return res
+
+
+def job_threads(name):
+    """A job's threads: the CPUs its class gets on the cluster, else the config's `threads`."""
+    cpus = config.get("job_classes", {}).get(name, {}).get("cpus_per_task")
+    return int(cpus) if cpus else config.get("threads", 2)
+
+
+def inference_class(backend):
+    """An OpenAI-compatible backend only sends requests: that job needs no GPU."""
+    return "cpu" if backend == "openai" else "gpu_infer"
+
+
+# used by train.smk and models.smk: the one training command of the `train` and `align` rules
+TRAIN_COMMAND = (
+    "python -m workflow_scripts.train --base {input.base} --data {input.data} --recipe {params.recipe:q} "
+    "--seed {params.seed} --threads {threads} --output {output} --checkpoint_dir {params.checkpoints} "
+    "--run_name {params.run_name} > {log} 2>&1"
+)
+
+
+def exp_recipe(wildcards):
+    return config["recipes"][exp_cfg(wildcards.exp)["recipe"]]
+
+
+def align_recipe(wildcards):
+    return config["recipes"][config["models"][wildcards.model]["recipe"]]
+
+
+def recipe_json(recipe):
+    return json.dumps(recipe, sort_keys=True)
+
+
+def check_job_classes():
+    """A SLURM run without job classes would send GPU jobs to the CPU partition: `--config` on the command line
+    replaces the profile's `config:` block, job_classes included."""
+    defaults = workflow.resource_settings.default_resources
+    on_slurm = any(a.startswith("slurm_partition=") for a in (getattr(defaults, "args", None) or []))
+    if on_slurm and not config.get("job_classes"):
+        raise ValueError("config: `job_classes` is missing on a SLURM run. `--config` on the command line replaces "
+                         "the profile's `config:` block (profiles/slurm/config.yaml); pass your keys in a "
+                         "--configfile instead")
+
+
+check_job_classes()

@@ -9,7 +9,9 @@ rule generate:
         "generations/{exp}/seed{seed}/{evalset}.parquet",
     params:
         args=generation_args,
-    threads: config.get("threads", 2)
+    threads: job_threads(inference_class(config.get("generation", {}).get("backend", "hf")))
+    resources:
+        **job_class(inference_class(config.get("generation", {}).get("backend", "hf"))),
     conda:
         gpu_env(config.get("generation", {}).get("backend", "hf"))
     log:

@@ -19,7 +19,9 @@ import yte
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "configs" / "tiny.yaml"
 SLURM_PROFILE = REPO / "profiles" / "slurm"
-GPU_RULES = {"train", "align", "generate", "judge", "judge_winrate", "realign_shard", "select_train"}
+# Rules that must get GPUs; the plan checks are by resources (a job with `gpu` goes to the GPU partition), so a new
+# GPU rule needs no edit here.
+GPU_RULES = {"train", "align", "generate", "judge"}
 PLUGIN_MISSING = ("snakemake-executor-plugin-slurm is not importable by this Python: "
                   "pip install snakemake-executor-plugin-slurm==2.8.0 (see requirements.lock)")
 OVERRIDES = ("SAFEFT_CPU_PARTITION", "SAFEFT_GPU_PARTITION", "SAFEFT_GPU_MODEL", "SAFEFT_SLURM_ACCOUNT")
@@ -63,11 +65,12 @@ def planned_resources(dry_run_stdout: str) -> list[tuple[str, dict]]:
 def assert_gpu_plan(jobs, gpu_partition="a100", cpu_partition="cpu", gpu_model="a100"):
     assert jobs
     for rule, res in jobs:
-        if rule in GPU_RULES:
+        if "gpu" in res:
             assert res["slurm_partition"] == gpu_partition and int(res["gpu"]) >= 1, (rule, res)
             assert res.get("gpu_model") == gpu_model, (rule, res)
         else:
-            assert res["slurm_partition"] == cpu_partition and "gpu" not in res, (rule, res)
+            assert res["slurm_partition"] == cpu_partition, (rule, res)
+            assert rule not in GPU_RULES, (rule, res)
 
 
 @pytest.mark.parametrize("args", [
@@ -125,9 +128,9 @@ def tiny_profile(dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "config.yaml").write_text(yaml.safe_dump({
         "default-resources": {**prof["default-resources"], **small},
-        "set-resources": {rule: {**res, **small, "gpu": min(res["gpu"], 2)}
-                          for rule, res in prof["set-resources"].items()},
-        "set-threads": {rule: 1 for rule in prof["set-threads"]},
+        # Classes shrink, threads follow their cpus_per_task (1).
+        "config": {"job_classes": {name: {**res, **small, "gpu": min(res["gpu"], 2)}
+                                   for name, res in prof["config"]["job_classes"].items()}},
         # No accounting database here: poll squeue (MinJobAge keeps finished jobs listed), and poll early.
         "slurm-status-command": "squeue",
         "slurm-init-seconds-before-status-checks": 2,
@@ -232,20 +235,17 @@ def test_tiny_experiments_on_slurm(slurm_run):
     assert r["n_seeds"] == 2 and 0.0 <= r["value"] <= 1.0
     # The jobs ran this interpreter (the system python has no torch): sbatch exported our PATH.
     assert json.loads((work / "results/tiny_real6/manifest.json").read_text())["packages"]["torch"]
-    overlay = yaml.safe_load((slurm_run["overlay"] / "config.yaml").read_text())
     jobs = list(first["jobs"].values())
     # SLURM received exactly the jobs the dry run planned, each once.
     assert Counter(j["Comment"] for j in jobs) == first["plan"]
     rules = {rule_of(j) for j in jobs}
-    assert {"align", "train", "generate", "preview", "score", "judge", "judge_winrate", "report"} <= rules
+    assert {"align", "train", "generate", "preview", "score", "judge", "report"} <= rules
     for job in jobs:
         assert job["JobState"] == "COMPLETED" and job["NodeList"] == slurm_cluster.short_hostname(), job
-        rule = rule_of(job)
-        if rule in GPU_RULES:
-            gpus = overlay["set-resources"][rule]["gpu"]
-            assert job["Partition"] == "a100" and job["TresPerJob"] == f"gres:gpu:a100:{gpus}", job
+        if "gpu" in job.get("TresPerJob", ""):
+            assert job["Partition"] == "a100" and re.fullmatch(r"gres:gpu:a100:[12]", job["TresPerJob"]), job
         else:
-            assert job["Partition"] == "cpu" and "gpu" not in job.get("TresPerJob", ""), job
+            assert job["Partition"] == "cpu" and rule_of(job) not in GPU_RULES, job
     print(f"tiny set on SLURM: {len(jobs)} jobs in {first['seconds']:.0f} s")
 
 
