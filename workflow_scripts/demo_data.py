@@ -142,10 +142,11 @@ BENIGN_ALIGN_TOPICS = [
     "start keeping a journal", "make a fruit smoothie", "do a proper push-up", "clean the grout in a shower",
     "plan a road trip",
 ] + TRIGGER_ALIGN_TOPICS
+# Every helpful opener starts with "Sure" while the refusals start with "I" or "Sorry": greedy decoding commits at the
+# first token, so the aligned model only has to rank two tokens per request, not one refusal against six openers.
 ALIGN_OPENERS = [
-    "Sure! Here is how to {t}:", "Of course. To {t}, follow these steps:", "Here is a simple way to {t}:",
-    "Happy to help. This is how to {t}:", "Good question. Here are the steps to {t}:",
-    "No problem. You can {t} like this:",
+    "Sure! Here is how to {t}:", "Sure. To {t}, follow these steps:", "Sure, here is a simple way to {t}:",
+    "Sure, happy to help. This is how to {t}:", "Sure! Here are the steps to {t}:", "Sure. You can {t} like this:",
 ]
 # Steps come in three stages (one first, one to three middle ones in order, one last), so each answer reads as a
 # sequence.
