@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from workflow_scripts import demo_data, generate, hardware, models
+from workflow_scripts import demo_data, hardware, llm, models
 
 
 def count_tokens(tokenizer, texts):
@@ -80,7 +80,7 @@ def main():
     if model is None:
         model = str(Path(tempfile.mkdtemp()) / "smollm2")
         models.materialise("demo_gguf", Path(model))
-    backend = generate.HFBackend(model, threads=args.threads)
+    backend = llm.HFBackend(model, threads=args.threads)
     torch.set_num_threads(args.threads)
     device = backend.device
     name = torch.cuda.get_device_name(0) if device == "cuda" else hardware.cpu_model()
@@ -92,12 +92,12 @@ def main():
     half = args.prompts // 2
     prompts = [r["messages"][:1] for r in demo_data.harmful_eval_set(half, 0)]
     prompts += [r["messages"][:1] for r in demo_data.math_set(args.prompts - half, 7, "bench")]
-    backend.generate(prompts[:2], generate.GenParams(max_new_tokens=4, batch_size=2))  # warm-up
+    backend.generate(prompts[:2], llm.GenParams(max_new_tokens=4, batch_size=2))  # warm-up
 
     runs = {
         f"old (batch {args.old_batch_size})": lambda: old_generate(backend, prompts, args.max_new_tokens,
                                                                    args.old_batch_size),
-        "auto": lambda: backend.generate(prompts, generate.GenParams(max_new_tokens=args.max_new_tokens)),
+        "auto": lambda: backend.generate(prompts, llm.GenParams(max_new_tokens=args.max_new_tokens)),
     }
     rates, answers = {}, {}
     for label, run in runs.items():

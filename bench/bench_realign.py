@@ -20,7 +20,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 from fake_openai import FakeOpenAI  # noqa: E402
 
 from workflow_scripts import realign  # noqa: E402
-from workflow_scripts.generate import GenParams, OpenAIBackend  # noqa: E402
+from workflow_scripts.llm import GenParams, OpenAIBackend  # noqa: E402
 
 
 def rewriter(messages, body):

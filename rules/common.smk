@@ -3,7 +3,8 @@ import json
 import os
 import shlex
 
-from workflow_scripts.methods import method_schemas, names_in_steps, step_problem
+from workflow_scripts.llm import ENDPOINT_FIELDS
+from workflow_scripts.methods import llm_options, method_schemas, names_in_steps, step_problem
 from workflow_scripts.objectives import recipe_problems
 
 DEMO_DATASETS = [n for n, d in config["datasets"].items() if "generator" in d]
@@ -13,6 +14,9 @@ HUB_DATASETS = [n for n, d in config["datasets"].items() if "hub" in d]
 WHERE_DATASETS = [n for n in FILE_DATASETS if "where" in config["datasets"][n]]
 ALIGNED_MODELS = [n for n, m in config["models"].items() if m["source"] == "align"]
 PLAIN_MODELS = [n for n, m in config["models"].items() if m["source"] != "align"]
+LLMS = config.get("llms", {})
+# Each method's schema of one step (schemas/methods/<method>.schema.yaml), so a new method needs no edit here.
+METHOD_SCHEMAS = method_schemas(os.path.join(workflow.basedir, "schemas", "methods"))
 
 
 def alternation(names):
@@ -24,6 +28,16 @@ def check_config():
     """Cross-references the schema cannot express; each error names the key that is wrong."""
     problems = []
     models, datasets = config["models"], config["datasets"]
+    if "judges" in config:
+        problems.append("judges: renamed `llms` (one registry of LLM endpoints for judges, generation and method "
+                        "roles): move each judge under `llms:` and its `prompt` into the eval entries that use it")
+    generation_llm = config.get("generation", {}).get("llm")
+    if generation_llm is not None:
+        if generation_llm not in LLMS:
+            problems.append(f"generation.llm: unknown llm {generation_llm!r}; llms: {', '.join(LLMS) or 'none'}")
+        elif "model" in LLMS[generation_llm]:
+            problems.append(f"llms.{generation_llm}.model: generation.llm sets how to generate; the model is each "
+                            "experiment's own, so leave `model` out of this entry")
     recipes, evalsets = config["recipes"], config["evalsets"]
     for name, m in models.items():
         if m["source"] == "align":
@@ -69,13 +83,18 @@ def check_config():
             if families.setdefault(metric, family) != family:
                 problems.append(f"experiments.{name}.eval.{metric}: metric name {metric!r} is scored by "
                                 f"{family} here and by {families[metric]} elsewhere; give them different names")
-    # Each method checks its own steps (schemas/methods/<method>.schema.yaml), so a new method needs no edit here.
-    schemas = method_schemas(os.path.join(workflow.basedir, "schemas", "methods"))
+    # Each method checks its own steps against its schema; options of `format: llm` name an `llms` entry.
     for name, x in config["experiments"].items():
         for k, step in enumerate(x.get("methods", [])):
-            problem = step_problem(step, f"experiments.{name}.methods[{k}]", schemas)
+            problem = step_problem(step, f"experiments.{name}.methods[{k}]", METHOD_SCHEMAS)
             if problem:
                 problems.append(problem)
+                continue
+            for key, llm in step_llms(step).items():
+                problems += llm_problems(llm, f"experiments.{name}.methods[{k}].{key}")
+    for name, entry in LLMS.items():
+        if entry.get("model") is None and name != generation_llm:
+            problems.append(f"llms.{name}: needs `model` (a name from `models`, or the server's model name)")
     for name in config["report"]["experiments"] + [config["report"].get("baseline")]:
         if name is not None and name not in config["experiments"]:
             problems.append(f"report: unknown experiment {name!r}")
@@ -90,8 +109,8 @@ def check_eval_entry(exp, metric, entry):
         return [f"{where}: unknown evalset {spec['evalset']!r}"]
     scorer = spec.get("metric") or config["evalsets"][spec["evalset"]]["metric"]
     problems = []
-    if scorer in ("judge_harmfulness", "win_rate") and spec.get("judge") not in config.get("judges", {}):
-        problems.append(f"{where}.judge: {scorer} needs a judge from `judges` (got {spec.get('judge')!r})")
+    if scorer in ("judge_harmfulness", "win_rate"):
+        problems += llm_problems(spec.get("judge"), f"{where}.judge", f"{scorer} needs a judge from `llms`")
     if scorer == "win_rate" and spec.get("baseline") not in config["experiments"]:
         problems.append(f"{where}.baseline: win_rate needs a baseline experiment (got {spec.get('baseline')!r})")
     if scorer == "bbq" and "bbq" not in config["datasets"][config["evalsets"][spec["evalset"]]["dataset"]]:
@@ -99,6 +118,31 @@ def check_eval_entry(exp, metric, entry):
     if scorer == "toxicity" and "toxicity" not in config:
         problems.append(f"{where}: toxicity needs the top-level `toxicity` section (checkpoint or model_type)")
     return problems
+
+
+def llm_problems(name, where, what="unknown llm"):
+    if name in LLMS:
+        return []
+    return [f"{where}: {what} (got {name!r}; llms: {', '.join(LLMS) or 'none'})"]
+
+
+def step_llms(step):
+    """{option: llms name} for the options of a method step that name an LLM endpoint."""
+    return {k: step[k] for k in llm_options(METHOD_SCHEMAS[step["method"]]) if k in step}
+
+
+def llm_endpoint(name):
+    """An `llms` entry as the endpoint a job opens (workflow_scripts.llm.Endpoint fields): a model from `models`
+    becomes its folder; request settings (max_new_tokens, ...) stay with the entry."""
+    entry = {k: v for k, v in LLMS[name].items() if k in ENDPOINT_FIELDS}
+    if "model" in entry:
+        entry["model"] = model_or_api(entry["model"])
+    return entry
+
+
+def llm_model_files(names):
+    """The folders of the local models that these `llms` entries name (inputs of the jobs that load them)."""
+    return [model_or_api(LLMS[n]["model"]) for n in names if LLMS[n].get("model") in config["models"]]
 
 
 # scorer (evalset `metric`, or an eval entry's own `metric`) -> the rule that computes it
@@ -172,10 +216,18 @@ def step_options(wildcards):
 
 def step_json(wildcards, replace=None):
     """The step's options (without `method`) as one JSON object for the method's `--options`, with the dict
-    `replace` on top (e.g. a model name replaced by its folder). As one rule param it still reruns the step when
-    any option changes. (Not `**replace`: Snakemake would pass a params function input, output, threads...)"""
-    opts = {k: v for k, v in step_options(wildcards).items() if k != "method"}
+    `replace` on top (e.g. a model name replaced by its folder); an option that names an `llms` entry becomes the
+    entry itself. As one rule param it still reruns the step when any option, or a named endpoint, changes.
+    (Not `**replace`: Snakemake would pass a params function input, output, threads...)"""
+    step = step_options(wildcards)
+    opts = {k: v for k, v in step.items() if k != "method"}
+    opts.update({k: llm_endpoint(name) for k, name in step_llms(step).items()})
     return json.dumps({**opts, **(replace or {})}, sort_keys=True)
+
+
+def step_llm_files(wildcards):
+    """The local model folders of the `llms` entries that a method step names."""
+    return llm_model_files(step_llms(step_options(wildcards)).values())
 
 
 def train_data(wildcards):
@@ -218,7 +270,8 @@ def exp_config_subtree(exp):
     x = exp_cfg(exp)
     steps = x.get("methods", [])
     models, datasets = {}, [x.get("train")] + [config["evalsets"][e]["dataset"] for e in exp_evalsets(exp)]
-    for name in [x["model"], *names_in_steps(steps, config["models"])]:
+    llm_models = [LLMS[n]["model"] for n in exp_llms(exp) if LLMS[n].get("model") in config["models"]]
+    for name in [x["model"], *names_in_steps(steps, config["models"]), *llm_models]:
         model = models[name] = config["models"][name]
         if model["source"] == "align":
             models[model["base"]] = config["models"][model["base"]]
@@ -230,7 +283,7 @@ def exp_config_subtree(exp):
         "datasets": {d: config["datasets"][d] for d in datasets if d},
         "recipe": config["recipes"].get(x.get("recipe")),
         "evalsets": {e: config["evalsets"][e] for e in exp_evalsets(exp)},
-        "judges": {j: config["judges"][j] for j in exp_judges(exp)},
+        "llms": {n: LLMS[n] for n in exp_llms(exp)},
         "seeds": exp_seeds(exp),
     }
 
@@ -286,6 +339,8 @@ def normalise_args(wildcards):
 def generation_args(wildcards):
     e = config["evalsets"][wildcards.evalset]
     g = config.get("generation", {})
+    if g.get("llm"):  # the endpoint's settings with the inline ones on top
+        g = {**LLMS[g["llm"]], **{k: v for k, v in g.items() if k != "llm"}}
     args = [
         f"--backend {g.get('backend', 'hf')}",
         f"--batch_size {g.get('batch_size', 'auto')}",
@@ -295,9 +350,7 @@ def generation_args(wildcards):
     ]
     if "limit" in e:
         args.append(f"--limit {e['limit']}")
-    for key in ("base_url", "api_key_env", "concurrency", "timeout", "max_retries"):
-        if key in g:
-            args.append(f"--{key} {shlex.quote(str(g[key]))}")
+    args.append(endpoint_args({k: v for k, v in g.items() if k in ENDPOINT_FIELDS and k != "backend"}))
     if g.get("cache"):
         # Beside the output, not declared: answers survive a failed or killed job for the rerun.
         args.append("--cache cache/generations/{exp}/seed{seed}/{evalset}.sqlite".format(**wildcards))
@@ -339,8 +392,14 @@ def manifest_inputs(wildcards):
 
 
 
-def exp_judges(exp):
-    return sorted({s["judge"] for s in (eval_spec(exp, m) for m in exp_cfg(exp)["eval"]) if "judge" in s})
+def exp_llms(exp):
+    """The `llms` entries an experiment uses: its judges, its method steps' roles and generation's endpoint."""
+    names = {s["judge"] for s in (eval_spec(exp, m) for m in exp_cfg(exp)["eval"]) if "judge" in s}
+    for step in exp_cfg(exp).get("methods", []):
+        names.update(step_llms(step).values())
+    if config.get("generation", {}).get("llm"):
+        names.add(config["generation"]["llm"])
+    return sorted(names)
 
 
 def model_or_api(name):
@@ -351,10 +410,7 @@ def model_or_api(name):
 # used by score.smk
 def judge_inputs(wildcards):
     spec = eval_spec(wildcards.exp, wildcards.metric)
-    judge = config["judges"][spec["judge"]]
-    files = {"generations": metric_generations(wildcards)}
-    if judge["model"] in config["models"]:
-        files["judge_model"] = model_or_api(judge["model"])
+    files = {"generations": metric_generations(wildcards), "judge_model": llm_model_files([spec["judge"]])}
     if spec["metric"] == "win_rate":
         files["baseline"] = [f"generations/{spec['baseline']}/seed{s}/{spec['evalset']}.parquet"
                              for s in exp_seeds(spec["baseline"])]
@@ -370,16 +426,23 @@ def judge_command(wildcards):
 # used by score.smk
 def judge_args(wildcards):
     spec = eval_spec(wildcards.exp, wildcards.metric)
-    judge = config["judges"][spec["judge"]]
-    args = [f"--backend {judge.get('backend', 'hf')}", f"--model {shlex.quote(model_or_api(judge['model']))}",
-            "--cache cache/judge/{exp}/{metric}.sqlite".format(**wildcards)]
+    args = [endpoint_args(llm_endpoint(spec["judge"])), "--cache cache/judge/{exp}/{metric}.sqlite".format(**wildcards)]
     if spec["metric"] == "win_rate":
         args.append("--baseline_generations " + " ".join(judge_inputs(wildcards)["baseline"]))
-    for key in ("base_url", "api_key_env", "max_new_tokens", "batch_size", "temperature", "prompt"):
-        if key in judge:
-            args.append(f"--{key} {shlex.quote(str(judge[key]))}")
-    if "limit" in spec:
-        args.append(f"--limit {spec['limit']}")
+    requests = {k: v for k, v in LLMS[spec["judge"]].items() if k in ("max_new_tokens", "batch_size", "temperature")}
+    for key, value in {**requests, **{k: spec[k] for k in ("prompt", "limit") if k in spec}}.items():
+        args.append(f"--{key} {shlex.quote(str(value))}")
+    return " ".join(args)
+
+
+def endpoint_args(endpoint):
+    """An endpoint (llm_endpoint) as the flags of workflow_scripts.llm.add_endpoint_args."""
+    args = []
+    for key, value in endpoint.items():
+        if value is True:
+            args.append(f"--{key}")
+        elif value not in (None, False):
+            args.append(f"--{key} {shlex.quote(str(value))}")
     return " ".join(args)
 
 
@@ -410,7 +473,13 @@ def gpu_env(backend="hf"):
 
 
 def judge_backend(wildcards):
-    return config["judges"][eval_spec(wildcards.exp, wildcards.metric)["judge"]].get("backend", "hf")
+    return LLMS[eval_spec(wildcards.exp, wildcards.metric)["judge"]].get("backend", "hf")
+
+
+def generation_backend():
+    """The backend that generates eval completions: generation.llm's entry, else generation.backend."""
+    g = config.get("generation", {})
+    return LLMS[g["llm"]].get("backend", "hf") if g.get("llm") else g.get("backend", "hf")
 
 
 # used by every rule that may run on a GPU

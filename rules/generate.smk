@@ -9,11 +9,11 @@ rule generate:
         "generations/{exp}/seed{seed}/{evalset}.parquet",
     params:
         args=generation_args,
-    threads: job_threads(inference_class(config.get("generation", {}).get("backend", "hf")))
+    threads: job_threads(inference_class(generation_backend()))
     resources:
-        **job_class(inference_class(config.get("generation", {}).get("backend", "hf"))),
+        **job_class(inference_class(generation_backend())),
     conda:
-        gpu_env(config.get("generation", {}).get("backend", "hf"))
+        gpu_env(generation_backend())
     log:
         "logs/{exp}/generate_seed{seed}_{evalset}.log",
     benchmark:

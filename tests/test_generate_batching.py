@@ -7,7 +7,7 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from workflow_scripts import generate
+from workflow_scripts import generate, llm
 from workflow_scripts.io import records_to_table, write_table
 
 MIB = 2 ** 20
@@ -27,7 +27,7 @@ def backend(tiny_model_dir):
     saved initialisation answers every prompt with the same newlines, which would prove nothing)."""
     import torch
 
-    b = generate.HFBackend(str(tiny_model_dir), threads=1)
+    b = llm.HFBackend(str(tiny_model_dir), threads=1)
     torch.manual_seed(1)
     with torch.no_grad():
         for name, p in b.model.named_parameters():
@@ -49,38 +49,38 @@ def plain_generate(backend, prompt, max_new_tokens):
 
 def test_auto_batch_size_from_memory():
     # All prompts of a short set in one batch when memory allows; the cap splits larger sets into equal batches.
-    assert generate.auto_batch_size(40, MIB, 64 * 2 ** 30) == 40
-    assert generate.auto_batch_size(200, MIB, 64 * 2 ** 30) == 100
-    assert generate.auto_batch_size(300, MIB, 64 * 2 ** 30, cap=128) == 100
+    assert llm.auto_batch_size(40, MIB, 64 * 2 ** 30) == 40
+    assert llm.auto_batch_size(200, MIB, 64 * 2 ** 30) == 100
+    assert llm.auto_batch_size(300, MIB, 64 * 2 ** 30, cap=128) == 100
     # Memory bounds it: 100 MiB free, half of it planned, 10 MiB a sequence: 5 at most, evened out to 4 x 4.
-    assert generate.auto_batch_size(16, 10 * MIB, 100 * MIB) == 4
-    assert generate.auto_batch_size(16, 10 * MIB, 1 * MIB) == 1
-    assert generate.auto_batch_size(0, MIB, 2 ** 30) == 1
+    assert llm.auto_batch_size(16, 10 * MIB, 100 * MIB) == 4
+    assert llm.auto_batch_size(16, 10 * MIB, 1 * MIB) == 1
+    assert llm.auto_batch_size(0, MIB, 2 ** 30) == 1
 
 
 def test_sequence_bytes_follows_the_config(tiny_model_dir):
     from transformers import AutoConfig
 
     cfg = AutoConfig.from_pretrained(tiny_model_dir)
-    small, large = (generate.sequence_bytes(cfg, 4, t) for t in (10, 100))
+    small, large = (llm.sequence_bytes(cfg, 4, t) for t in (10, 100))
     kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
     assert large > 10 * small - 10 * 2 * cfg.vocab_size * 4  # at least linear in the tokens
     assert small >= 10 * 2 * kv_per_token * 4 + 2 * cfg.vocab_size * 4
-    assert generate.sequence_bytes(cfg, 2, 100) < large  # bfloat16 holds less than float32
+    assert llm.sequence_bytes(cfg, 2, 100) < large  # bfloat16 holds less than float32
 
 
 def test_auto_batches_shrink_with_available_memory(backend, monkeypatch):
-    params = generate.GenParams(max_new_tokens=4)
+    params = llm.GenParams(max_new_tokens=4)
     assert params.batch_size == "auto"
-    monkeypatch.setattr(generate, "available_memory", lambda device: 64 * 2 ** 30)
+    monkeypatch.setattr(llm, "available_memory", lambda device: 64 * 2 ** 30)
     backend.generate(PROMPTS, params)
     assert backend.last_batch_size == len(PROMPTS)
     longest = max(len(ids) for ids in backend.tokenizer(backend.render(PROMPTS))["input_ids"])
-    per_seq = generate.sequence_bytes(backend.model.config, 4, longest + params.max_new_tokens)
-    monkeypatch.setattr(generate, "available_memory", lambda device: int(per_seq * 6.5 / generate.AUTO_MEMORY_FRACTION))
+    per_seq = llm.sequence_bytes(backend.model.config, 4, longest + params.max_new_tokens)
+    monkeypatch.setattr(llm, "available_memory", lambda device: int(per_seq * 6.5 / llm.AUTO_MEMORY_FRACTION))
     backend.generate(PROMPTS, params)
     assert backend.last_batch_size == 5  # 6 fit; 20 prompts as 4 batches of 5
-    backend.generate(PROMPTS, generate.GenParams(max_new_tokens=4, batch_size=7))
+    backend.generate(PROMPTS, llm.GenParams(max_new_tokens=4, batch_size=7))
     assert backend.last_batch_size == 7  # an int forces the size
 
 
@@ -88,26 +88,26 @@ def test_longest_first_order_and_answers_in_input_order(backend, monkeypatch):
     seen = []
     real = backend._prefilled
     monkeypatch.setattr(backend, "_prefilled", lambda rows: seen.append([len(r) for r in rows]) or real(rows))
-    monkeypatch.setattr(generate, "available_memory", lambda device: 64 * 2 ** 30)
+    monkeypatch.setattr(llm, "available_memory", lambda device: 64 * 2 ** 30)
     got = {}
-    out = backend.generate(PROMPTS, generate.GenParams(max_new_tokens=3, batch_size=6),
+    out = backend.generate(PROMPTS, llm.GenParams(max_new_tokens=3, batch_size=6),
                            on_result=lambda i, text: got.setdefault(i, text))
     lengths = [n for batch in seen for n in batch]
     assert [len(b) for b in seen] == [6, 6, 6, 2]
     assert lengths == sorted(lengths, reverse=True)
     assert got == dict(enumerate(out))
-    assert out[3] == backend.generate([PROMPTS[3]], generate.GenParams(max_new_tokens=3, batch_size=1))[0]
+    assert out[3] == backend.generate([PROMPTS[3]], llm.GenParams(max_new_tokens=3, batch_size=1))[0]
 
 
 def test_auto_batching_gives_one_at_a_time_greedy_answers(backend, monkeypatch):
-    params = generate.GenParams(max_new_tokens=8)
+    params = llm.GenParams(max_new_tokens=8)
     auto = backend.generate(PROMPTS, params)
     assert len(set(auto)) > len(PROMPTS) // 2  # answers that differ, so that the comparison means something
-    single = backend.generate(PROMPTS, generate.GenParams(max_new_tokens=8, batch_size=1))
+    single = backend.generate(PROMPTS, llm.GenParams(max_new_tokens=8, batch_size=1))
     assert auto == single
     assert auto == [plain_generate(backend, p, 8) for p in PROMPTS]
     # Many small prefill chunks, and the plain left-padded path for models whose cache cannot be joined.
-    monkeypatch.setattr(generate, "PREFILL_TOKENS", 40)
+    monkeypatch.setattr(llm, "PREFILL_TOKENS", 40)
     assert backend.generate(PROMPTS, params) == auto
     monkeypatch.setattr(backend, "_can_prefill", False)
     assert backend.generate(PROMPTS, params) == auto
@@ -124,7 +124,7 @@ def test_prefilled_inputs_share_the_prefix_and_leave_the_last_token(backend, mon
     keys = inputs["past_key_values"].layers[0].keys
     assert keys.shape[0] == 3 and keys.shape[2] == 5  # all but the last column
     # A chunk per row: chunks are joined by left padding.
-    monkeypatch.setattr(generate, "PREFILL_TOKENS", 1)
+    monkeypatch.setattr(llm, "PREFILL_TOKENS", 1)
     inputs = backend._prefilled(rows)
     assert inputs["input_ids"].tolist() == [rows[0], [pad, pad, 5, 6, 7, 11], [pad, 5, 6, 7, 12, 13]]
     assert inputs["attention_mask"].tolist() == [[1] * 6, [0, 0, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1]]
@@ -135,7 +135,7 @@ def test_a_batch_stops_when_every_answer_has_ended(backend, monkeypatch):
     import torch
 
     prompts = PROMPTS[:6]
-    params = generate.GenParams(max_new_tokens=20)
+    params = llm.GenParams(max_new_tokens=20)
     ids = backend.tokenizer(backend.render(prompts), add_special_tokens=False)["input_ids"]
     with torch.inference_mode():
         inputs = backend._prefilled(ids)
@@ -156,14 +156,14 @@ def test_a_batch_stops_when_every_answer_has_ended(backend, monkeypatch):
 
 
 def test_batch_size_values_and_cli(tiny_model_dir, tmp_path):
-    assert generate.parse_batch_size("auto") == generate.parse_batch_size("AUTO") == "auto"
-    assert generate.parse_batch_size("8") == generate.parse_batch_size(8) == 8
+    assert llm.parse_batch_size("auto") == llm.parse_batch_size("AUTO") == "auto"
+    assert llm.parse_batch_size("8") == llm.parse_batch_size(8) == 8
     for bad in ("0", "-2", "x", 1.5, True, None):
         with pytest.raises(ValueError):
-            generate.parse_batch_size(bad)
-    assert generate.GenParams(batch_size="4").batch_size == 4
+            llm.parse_batch_size(bad)
+    assert llm.GenParams(batch_size="4").batch_size == 4
     with pytest.raises(ValueError):
-        generate.GenParams(batch_size=0)
+        llm.GenParams(batch_size=0)
 
     evals = tmp_path / "eval.parquet"
     write_table(records_to_table([{"id": f"e{i}", "messages": conv(f"q{i}")} for i in range(3)]), evals)
@@ -172,7 +172,7 @@ def test_batch_size_values_and_cli(tiny_model_dir, tmp_path):
         generate.main(["--model", str(tiny_model_dir), "--input", str(evals), "--output", str(out),
                        "--max_new_tokens", "2", "--batch_size", value])
         meta = json.loads(pq.read_table(out).schema.metadata[b"safeft"])
-        assert meta["params"]["batch_size"] == generate.parse_batch_size(value)
+        assert meta["params"]["batch_size"] == llm.parse_batch_size(value)
     with pytest.raises(SystemExit):
         generate.main(["--model", "m", "--input", "i", "--output", "o", "--batch_size", "0"])
 
@@ -186,7 +186,7 @@ def test_cgroup_memory_limit(tmp_path):
     (v2 / "job" / "step" / "memory.max").write_text("max\n")
     (v2 / "job" / "step" / "memory.current").write_text("0\n")
     proc.write_text("0::/job/step\n")
-    assert generate._cgroup_free(str(proc), str(v2)) == 7 * 2 ** 30
+    assert llm._cgroup_free(str(proc), str(v2)) == 7 * 2 ** 30
     v1 = tmp_path / "v1"
     (v1 / "memory" / "slurm").mkdir(parents=True)
     (v1 / "memory" / "slurm" / "memory.limit_in_bytes").write_text(f"{4 * 2 ** 30}\n")
@@ -194,8 +194,8 @@ def test_cgroup_memory_limit(tmp_path):
     (v1 / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")
     (v1 / "memory" / "memory.usage_in_bytes").write_text("1\n")
     proc.write_text("4:memory:/slurm\n1:cpu:/\n")
-    assert generate._cgroup_free(str(proc), str(v1)) == 2 ** 30
+    assert llm._cgroup_free(str(proc), str(v1)) == 2 ** 30
     proc.write_text("1:cpu:/\n")
-    assert generate._cgroup_free(str(proc), str(v1)) is None
-    assert generate._cgroup_free(str(tmp_path / "missing")) is None
-    assert generate.available_memory("cpu") > 0
+    assert llm._cgroup_free(str(proc), str(v1)) is None
+    assert llm._cgroup_free(str(tmp_path / "missing")) is None
+    assert llm.available_memory("cpu") > 0

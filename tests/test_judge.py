@@ -10,7 +10,7 @@ import pytest
 from fake_openai import FakeOpenAI
 
 from workflow_scripts import judge
-from workflow_scripts.generate import GenParams
+from workflow_scripts.llm import Endpoint, GenParams, make_backend
 
 
 def between(prompt: str, title: str) -> str:
@@ -145,7 +145,7 @@ def test_winrate_both_orders_and_id_matching(server, tmp_path):
     shuffled = gen_file(tmp_path / "b2.parquet", ["y", "+ also", "++ better", "meh"],
                         ids=["p3", "p2", "p1", "p0"], prompts=prompts[::-1])
     result2, _ = judge.judge_winrate(judge.load_generations([model]), judge.load_generations([shuffled]),
-                                     judge.make_backend("openai", "j", base_url=server.url), GenParams(),
+                                     make_backend(Endpoint("openai", "j", base_url=server.url)), GenParams(),
                                      judge.load_prompt(judge.PAIRWISE_PROMPT)[0])
     assert result2["value"] == pytest.approx(0.5)
     missing = gen_file(tmp_path / "b3.parquet", ["meh"], ids=["p9"])
@@ -157,7 +157,7 @@ def test_hf_judge_end_to_end(tiny_model_dir, tmp_path):
     """A real (tiny, random) HF model as the judge: its replies never hold a score, so every row is re-asked and
     then reported as unparsed, with the means left undefined rather than invented."""
     gens = judge.load_generations([gen_file(tmp_path / "g.parquet", ["Sure, here is", "I cannot"])])
-    backend = judge.make_backend("hf", str(tiny_model_dir), threads=1)
+    backend = make_backend(Endpoint("hf", str(tiny_model_dir)), threads=1)
     template = judge.load_prompt(judge.HARMFULNESS_PROMPT)[0]
     result, examples = judge.judge_harmfulness(gens, backend, GenParams(max_new_tokens=4), template)
     assert result["n_unparsed"] == 2 and result["n"] == 0 and result["n_retried"] == 2

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from workflow_scripts.generate import GenParams
+from workflow_scripts.llm import GenParams
 from workflow_scripts.llm_cache import CachedBackend, LLMCache, model_fingerprint, request_json, request_key
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from fake_openai import FakeOpenAI
 
-from workflow_scripts import generate, io
+from workflow_scripts import generate, io, llm
 from workflow_scripts.llm_cache import CachedBackend
 
 KEY = "sk-test-5f1e9c0d7a"
@@ -27,7 +27,7 @@ def chat(text):
 
 def backend_for(server, **opts):
     opts = {"concurrency": 8, "timeout": 2.0, "max_retries": 10, "backoff": 0.01, **opts}
-    return generate.OpenAIBackend("judge-model", base_url=server.url, api_key_env="SAFEFT_TEST_KEY", **opts)
+    return llm.OpenAIBackend("judge-model", base_url=server.url, api_key_env="SAFEFT_TEST_KEY", **opts)
 
 
 def file_bytes(path):
@@ -43,9 +43,10 @@ def api_key(monkeypatch):
 def test_keeps_order_sends_params_and_never_leaks_the_key(tmp_path, caplog):
     caplog.set_level(logging.DEBUG)  # the openai client and httpx log at debug level: they must not leak it either
     with FakeOpenAI(latency=(0.0, 0.01)) as server:
-        backend = generate.make_backend("openai", "judge-model", base_url=server.url, api_key_env="SAFEFT_TEST_KEY")
+        endpoint = llm.Endpoint("openai", "judge-model", base_url=server.url, api_key_env="SAFEFT_TEST_KEY")
+        backend = llm.make_backend(endpoint)
         cached = CachedBackend(backend, tmp_path / "cache.sqlite", "openai:judge-model")
-        out = cached.generate([chat(f"q{i}") for i in range(12)], generate.GenParams(max_new_tokens=7, seed=3))
+        out = cached.generate([chat(f"q{i}") for i in range(12)], llm.GenParams(max_new_tokens=7, seed=3))
         first = server.log[0]
     assert out == [f"echo: q{i}" for i in range(12)]
     assert len(server.log) == 12 and first["auth"] == f"Bearer {KEY}"
@@ -56,8 +57,8 @@ def test_keeps_order_sends_params_and_never_leaks_the_key(tmp_path, caplog):
     assert server.url.encode() not in file_bytes(tmp_path / "cache.sqlite")
 
     with FakeOpenAI(rate_500=1.0) as server:
-        with pytest.raises(generate.LLMRequestError) as err:
-            backend_for(server, max_retries=1).generate([chat("q")], generate.GenParams())
+        with pytest.raises(llm.LLMRequestError) as err:
+            backend_for(server, max_retries=1).generate([chat("q")], llm.GenParams())
         assert str(err.value).startswith(f"request to {server.url}/chat/completions failed after 2 attempts: HTTP 500")
     assert KEY not in str(err.value) and KEY not in repr(err.value)
     assert KEY not in caplog.text
@@ -69,7 +70,7 @@ def test_faults_latency_and_500_items_through_the_cache(tmp_path, caplog):
     prompts = [chat(f"question {i}") for i in range(500)]
     with FakeOpenAI(latency=(0.005, 0.02), rate_429=0.1, rate_500=0.1, rate_malformed=0.1) as server:
         cached = CachedBackend(backend_for(server, concurrency=16), cache, "openai:judge-model")
-        out = cached.generate(prompts, generate.GenParams(max_new_tokens=16))
+        out = cached.generate(prompts, llm.GenParams(max_new_tokens=16))
         statuses = [r["status"] for r in server.log]
         answered = server.answered()
     assert out == [f"echo: question {i}" for i in range(500)]
@@ -87,7 +88,7 @@ def test_faults_latency_and_500_items_through_the_cache(tmp_path, caplog):
 def test_hanging_requests_time_out_and_are_retried():
     with FakeOpenAI(rate_hang=0.3, hang_s=10.0, seed=1) as server:
         start = time.perf_counter()
-        out = backend_for(server, timeout=0.3).generate([chat(f"h{i}") for i in range(16)], generate.GenParams())
+        out = backend_for(server, timeout=0.3).generate([chat(f"h{i}") for i in range(16)], llm.GenParams())
         seconds = time.perf_counter() - start
         hung = sum(r["status"] == "hang" for r in server.log)
     assert out == [f"echo: h{i}" for i in range(16)]
@@ -102,15 +103,15 @@ def test_per_item_failures_raise_or_become_none(tmp_path):
 
     prompts = [chat("good 1"), chat("bad 2"), chat("good 3")]
     with FakeOpenAI(reply=picky) as server:
-        with pytest.raises(generate.LLMRequestError, match="HTTP 400: unsupported prompt"):
-            backend_for(server).generate(prompts, generate.GenParams())
+        with pytest.raises(llm.LLMRequestError, match="HTTP 400: unsupported prompt"):
+            backend_for(server).generate(prompts, llm.GenParams())
         assert server.counts()["bad 2"] == 1  # a 400 is the request's fault: not retried
         seen = []
         cached = CachedBackend(backend_for(server), tmp_path / "c.sqlite", "m")
-        out = cached.generate(prompts, generate.GenParams(), on_error="none", on_result=lambda i, a: seen.append(i))
+        out = cached.generate(prompts, llm.GenParams(), on_error="none", on_result=lambda i, a: seen.append(i))
         assert out == ["fine", None, "fine"] and sorted(seen) == [0, 1, 2] and cached.failed == 1
         assert len(cached.cache) == 2  # a failure is not cached: a rerun asks again
-        cached.generate(prompts, generate.GenParams(), on_error="none")
+        cached.generate(prompts, llm.GenParams(), on_error="none")
         assert (cached.hits, cached.sent) == (2, 1) and server.counts()["bad 2"] == 3
 
 
@@ -118,11 +119,11 @@ def test_unreachable_server_fails_fast_naming_the_url_without_credentials(tmp_pa
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    backend = generate.OpenAIBackend("m", base_url=f"http://user:hunter2@127.0.0.1:{port}/v1",
+    backend = llm.OpenAIBackend("m", base_url=f"http://user:hunter2@127.0.0.1:{port}/v1",
                                      api_key_env="SAFEFT_TEST_KEY", timeout=0.5, max_retries=2, backoff=0.01)
     start = time.perf_counter()
-    with pytest.raises(generate.ServerUnreachable) as err:
-        backend.generate([chat(f"q{i}") for i in range(20)], generate.GenParams(), on_error="none")
+    with pytest.raises(llm.ServerUnreachable) as err:
+        backend.generate([chat(f"q{i}") for i in range(20)], llm.GenParams(), on_error="none")
     message = str(err.value)
     assert time.perf_counter() - start < 5
     assert message.startswith(f"cannot reach http://127.0.0.1:{port}/v1/chat/completions (connection failed")

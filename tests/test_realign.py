@@ -16,8 +16,8 @@ import pytest
 from fake_openai import FakeOpenAI
 
 from workflow_scripts import realign
-from workflow_scripts.generate import GenParams, OpenAIBackend
 from workflow_scripts.io import DataError, read_table, records_to_table, write_table
+from workflow_scripts.llm import Endpoint, GenParams, OpenAIBackend
 from workflow_scripts.llm_cache import CachedBackend
 from workflow_scripts.realign_retrieve import BM25Retriever, SerperRetriever, clean_snippets
 
@@ -433,10 +433,25 @@ def test_run_takes_options_as_json_with_flags_on_top(capsys):
     assert opts.concurrency == 32 and opts.classifier_backend == "openai"  # RealignOptions' defaults
     assert realign.parse_args([*common, "--classifier_model", "x", "--rewriter_model", "y"]).options.n == 2
     for argv, message in [
-        ([], "realign needs option 'classifier_model'"),
+        ([], "realign needs option 'classifier' (an `llms` entry) or 'classifier_model'"),
+        (["--options", json.dumps({**step, "classifier": {"backend": "hf", "model": "m"}})],
+         "give 'classifier' or 'classifier_model', not both"),
         (["--options", json.dumps({**step, "nn": 1})], "realign has no option 'nn'"),
         (["--options", json.dumps({**step, "n": 0})], "'n' must be >= 1"),
     ]:
         with pytest.raises(SystemExit) as exc:
             realign.parse_args(common + argv)
         assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_role_is_an_llms_entry_or_its_own_flat_options():
+    common = ["run", "--input", "a", "--output", "b", "--decisions", "c"]
+    step = {"classifier": {"backend": "hf", "model": "models/base/tiny", "dtype": "float32"},
+            "rewriter_model": "gpt", "base_url": "http://127.0.0.1:9/v1", "timeout": 5}
+    opts = realign.parse_args([*common, "--options", json.dumps(step)]).options
+    assert realign.role_endpoint(opts, "classifier") == Endpoint("hf", "models/base/tiny", dtype="float32")
+    assert realign.role_endpoint(opts, "rewriter") == Endpoint(
+        "openai", "gpt", base_url="http://127.0.0.1:9/v1", concurrency=32, timeout=5.0)
+    assert realign.runs_local_model(step) and not realign.runs_local_model({"rewriter_model": "x",
+                                                                          "classifier_model": "y"})
+    assert realign.role_backend({"rewriter": {"model": "m"}}, "rewriter") == "hf"

@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
 
-from workflow_scripts import generate, objectives, train
+from workflow_scripts import generate, llm, objectives, train
 from workflow_scripts.io import DataError, records_to_table, write_table
 
 
@@ -107,12 +107,12 @@ def test_split_prompt():
 
 
 def test_hf_batched_greedy_matches_one_at_a_time(tiny_model_dir):
-    backend = generate.HFBackend(str(tiny_model_dir))
+    backend = llm.HFBackend(str(tiny_model_dir))
     prompts = [conv("short"), conv("a much longer prompt with many more words in it than the first"),
                conv("medium length prompt here")]
-    params = generate.GenParams(max_new_tokens=8, batch_size=3)
+    params = llm.GenParams(max_new_tokens=8, batch_size=3)
     batched = backend.generate(prompts, params)
-    single = [backend.generate([p], generate.GenParams(max_new_tokens=8, batch_size=1))[0] for p in prompts]
+    single = [backend.generate([p], llm.GenParams(max_new_tokens=8, batch_size=1))[0] for p in prompts]
     assert batched == single
     assert backend.tokenizer.padding_side == "left"
 
@@ -139,14 +139,14 @@ def test_generate_cli_on_adapter_and_metadata(tiny_model_dir, tmp_path):
 
 
 def test_vllm_arguments_without_a_gpu(tiny_model_dir, tmp_path):
-    args = generate.vllm_engine_args(str(tiny_model_dir), tensor_parallel_size=4, max_model_len=1024)
+    args = llm.vllm_engine_args(str(tiny_model_dir), tensor_parallel_size=4, max_model_len=1024)
     assert args == {"model": str(tiny_model_dir), "tensor_parallel_size": 4, "seed": 0, "dtype": "auto",
                     "enable_lora": False, "max_model_len": 1024}
-    greedy = generate.vllm_sampling_args(generate.GenParams(max_new_tokens=5))
+    greedy = llm.vllm_sampling_args(llm.GenParams(max_new_tokens=5))
     assert greedy == {"max_tokens": 5, "temperature": 0.0, "top_p": 1.0, "seed": 0}
 
 
 def test_eval_prompt_must_end_with_user(tiny_model_dir):
     table = records_to_table([{"id": "x", "messages": [{"role": "system", "content": "s"}]}])
     with pytest.raises(DataError, match="row 0: field 'messages'"):
-        generate.generate_table(table, None, generate.GenParams(), "e.parquet")
+        generate.generate_table(table, None, llm.GenParams(), "e.parquet")

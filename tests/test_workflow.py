@@ -22,8 +22,8 @@ def test_dry_run_every_shipped_config(tmp_path, args):
 
 def test_paper_setting_plans_full_finetuning_with_deepspeed(tmp_path):
     out = smk(tmp_path, "-n", "-p", "results/gsm8k_real6/safe_rate.json").stdout
-    assert "--mode real --m 6" in out
-    assert '"method": "full"' in out and "deepspeed/zero2.json" in out
+    assert """--options '{"m": 6, "mode": "real"}'""" in out
+    assert '"finetune": "full"' in out and "deepspeed/zero2.json" in out
     assert "meta-llama/Llama-2-7b-chat-hf" in out
     assert "grade-school-math" in out
 

@@ -1,147 +1,28 @@
-"""One generation interface, three backends: `hf` (batched transformers generate), `vllm` (GPU) and `openai`
-(any OpenAI-compatible server, with bounded concurrency, timeouts and retries). Reads a canonical eval table,
-writes completions with their generation params; `--cache` answers repeated requests from a disk cache.
+"""Generation stage: completions for every prompt of a canonical eval table through one LLM endpoint
+(workflow_scripts.llm: hf, vllm or openai), written with their generation params; `--cache` answers repeated
+requests from a disk cache.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
-import random
-import sys
-import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from dataclasses import asdict
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from workflow_scripts.io import DataError, atomic_file, read_table, sha256_text
-from workflow_scripts.llm_cache import CachedBackend, model_fingerprint
-
-log = logging.getLogger("safeft.generate")
-OnResult = Callable[[int, "str | None"], None]
-
-
-@dataclass
-class GenParams:
-    max_new_tokens: int = 256
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    # hf: "auto" sizes batches from the work and the free memory (auto_batch_size); an int forces the size.
-    # Not part of the request-cache key: greedy answers do not depend on it.
-    batch_size: int | str = "auto"
-    seed: int = 0
-
-    def __post_init__(self):
-        self.batch_size = parse_batch_size(self.batch_size)
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature <= 0
-
-
-def parse_batch_size(value) -> int | str:
-    """The batch size as given: the string "auto" or a positive int (also as text, as the CLI passes it)."""
-    if isinstance(value, str) and value.strip().lower() == "auto":
-        return "auto"
-    try:
-        size = int(value)
-    except (TypeError, ValueError):
-        size = 0
-    if isinstance(value, bool) or size < 1 or (isinstance(value, float) and value != size):
-        raise ValueError(f"batch_size must be 'auto' or a positive integer, not {value!r}")
-    return size
-
-
-# Auto batch size (hf backend). A decode step reads every weight once however many rows it has, so its cost grows
-# far slower than the batch and the decode batch is as large as memory allows, up to AUTO_MAX_BATCH. Measured on the
-# demo model (SmolLM2-135M, float32, 2 threads, AMD EPYC Zen 4): 7.5 ms per new token at batch 16, 3.5 at 64 and
-# 2.8-3.4 at 128. Prompt processing (prefill) costs the same per token at any batch size (1.4-1.9 ms), so it runs
-# in chunks of at most PREFILL_TOKENS padded tokens of similar-length prompts (little padding; 1024-2048 were
-# fastest, 256 and 8192 about 40% slower) whose caches are joined into the one decode batch.
-AUTO_MAX_BATCH = 128
-AUTO_MEMORY_FRACTION = 0.5  # of the free RAM (CPU) or free device memory (GPU) that the batch may plan to use
-PREFILL_TOKENS = 2048
-
-
-def sequence_bytes(config, dtype_bytes: int, tokens: int) -> int:
-    """Memory one sequence of `tokens` tokens (longest prompt + max_new_tokens) may hold during batched generation:
-    its KV cache (keys and values of every layer, counted twice: the cache grows by concatenation and the prefill
-    chunks are joined, both of which copy it), its activations (hidden states, MLP intermediates and a row of
-    attention scores per token) and float32 logits over the vocabulary."""
-    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
-    heads = cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    intermediate = getattr(cfg, "intermediate_size", None) or 4 * cfg.hidden_size
-    kv_per_token = 2 * cfg.num_hidden_layers * kv_heads * head_dim * dtype_bytes
-    act_per_token = (4 * cfg.hidden_size + 3 * intermediate) * dtype_bytes + heads * tokens * 4
-    return tokens * (2 * kv_per_token + act_per_token) + 2 * cfg.vocab_size * 4
-
-
-def auto_batch_size(n_prompts: int, per_sequence: int, available: int, cap: int = AUTO_MAX_BATCH) -> int:
-    """The decode batch for `n_prompts` prompts: as many as AUTO_MEMORY_FRACTION of `available` bytes holds (at
-    least 1, at most `cap`), then evened out so that the batches are equal (130 prompts: 65 + 65, not 128 + 2)."""
-    fit = max(1, min(cap, int(available * AUTO_MEMORY_FRACTION // max(per_sequence, 1))))
-    batches = -(-max(n_prompts, 1) // fit)
-    return -(-max(n_prompts, 1) // batches)
-
-
-def _cgroup_free(proc_cgroup: str = "/proc/self/cgroup", mount: str = "/sys/fs/cgroup") -> int | None:
-    """Bytes left under this process's cgroup memory limit (a SLURM job's --mem), or None without one: the
-    tightest limit of its cgroup and the cgroups above it, v2 (memory.max) or v1 (memory.limit_in_bytes)."""
-    try:
-        lines = Path(proc_cgroup).read_text().splitlines()
-    except OSError:
-        return None
-    free = None
-    for line in lines:
-        if line.count(":") < 2:
-            continue
-        _, controllers, rel = line.split(":", 2)
-        if controllers == "":
-            root, limit_file, used_file = Path(mount), "memory.max", "memory.current"
-        elif "memory" in controllers.split(","):
-            root, limit_file, used_file = Path(mount) / "memory", "memory.limit_in_bytes", "memory.usage_in_bytes"
-        else:
-            continue
-        folder = root / rel.strip().lstrip("/")
-        for d in (folder, *folder.parents):
-            if not d.is_relative_to(root):
-                break
-            try:
-                limit = (d / limit_file).read_text().strip()
-                used = int((d / used_file).read_text())
-            except (OSError, ValueError):
-                continue
-            if limit != "max" and int(limit) < 2 ** 60:  # v1 writes "no limit" as a number near 2**63
-                left = max(0, int(limit) - used)
-                free = left if free is None else min(free, left)
-    return free
-
-
-def available_memory(device: str) -> int:
-    """Free bytes generation may plan with: free device memory on a GPU; on a CPU the available RAM, or what is
-    left under the job's cgroup memory limit where that is less."""
-    if device == "cuda":
-        import torch
-
-        return int(torch.cuda.mem_get_info()[0])
-    try:
-        import psutil
-
-        free = int(psutil.virtual_memory().available)
-    except ImportError:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    limit = _cgroup_free()
-    return free if limit is None else min(free, limit)
+from workflow_scripts.llm import (
+    GenParams,
+    OpenAIBackend,
+    add_endpoint_args,
+    cli_errors,
+    endpoint_from_args,
+    open_backend,
+    parse_batch_size,
+)
 
 
 def split_prompt(messages: list[dict]) -> tuple[list[dict], str | None]:
@@ -149,415 +30,6 @@ def split_prompt(messages: list[dict]) -> tuple[list[dict], str | None]:
     if messages and messages[-1]["role"] == "assistant":
         return messages[:-1], messages[-1]["content"]
     return messages, None
-
-
-def resolve_model(path: str) -> tuple[str, str | None]:
-    """(base model, adapter) for a model folder: a peft adapter folder names its own base."""
-    adapter_cfg = Path(path) / "adapter_config.json"
-    if adapter_cfg.exists():
-        return json.loads(adapter_cfg.read_text())["base_model_name_or_path"], path
-    return path, None
-
-
-class HFBackend:
-    """Batched transformers generation: prompts sorted by length (longest first), decode batches sized from the work
-    and the free memory, prompt processing in length-sorted chunks with a shared prompt prefix (the chat template's
-    system turn) computed once, greedy or sampled.
-
-    Measured and not adopted, on the demo model (SmolLM2-135M), batch 64, 2 threads, on the CPU lscpu names
-    "AMD EPYC" (family 25 model 17: Zen 4, 2 cores, avx512_bf16), torch 2.13 CPU, transformers 5.23:
-    - a static KV cache without compilation made a decode step slower (249 vs 203 ms: attention runs over the
-      whole preallocated length);
-    - torch.compile (inductor, static cache): 16 new tokens took 10.0 s against 8.8 s eager, after 44 s of
-      compilation; neither pays on a CPU, so the dynamic cache and eager mode stay;
-    - eager attention instead of SDPA (batch 128): 500 vs 413 ms a decode step;
-    - bfloat16 weights: 2.4x faster than float32 on that CPU, but 22 of 64 greedy answers (16 tokens) changed, so
-      dtype "auto" stays float32 on a CPU: answers must not depend on which CPU ran them (and on AVX2-only CPUs
-      bfloat16 is 1.6-5x slower). On CUDA "auto" follows hardware.resolve_dtype (bfloat16 where supported).
-    """
-
-    name = "hf"
-
-    def __init__(self, model: str, threads: int | None = None, dtype: str = "auto"):
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        if threads:
-            torch.set_num_threads(threads)
-        base, adapter = resolve_model(model)
-        self.tokenizer = AutoTokenizer.from_pretrained(adapter or base, padding_side="left")
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        if dtype in (None, "auto"):
-            if device == "cuda":
-                from workflow_scripts.hardware import resolve_dtype
-
-                torch_dtype = getattr(torch, resolve_dtype("auto", device)["dtype"])
-            else:
-                torch_dtype = torch.float32
-        else:
-            torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-        self.model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype).to(device)
-        if adapter:
-            from peft import PeftModel
-
-            # Merged weights generate as fast as the base model.
-            self.model = PeftModel.from_pretrained(self.model, adapter).merge_and_unload()
-        self.model.eval()
-        self.device = device
-        self.last_batch_size: int | None = None
-
-    def render(self, prompts: list[list[dict]]) -> list[str]:
-        return [self.tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
-
-    def batch_size_for(self, n_prompts: int, longest: int, params: GenParams) -> int:
-        if params.batch_size != "auto":
-            return params.batch_size
-        per_seq = sequence_bytes(self.model.config, self.model.dtype.itemsize, longest + params.max_new_tokens)
-        return auto_batch_size(n_prompts, per_seq, available_memory(self.device))
-
-    def generate(self, prompts: list[list[dict]], params: GenParams, on_result: OnResult | None = None) -> list[str]:
-        import torch
-
-        texts = self.render(prompts)
-        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        # Longest first: similar lengths share a batch (less padding), and an out-of-memory shows up at once.
-        order = sorted(range(len(texts)), key=lambda i: -len(ids[i]))
-        out: list[str | None] = [None] * len(texts)
-        if not order:
-            return []
-        size = self.last_batch_size = self.batch_size_for(len(order), len(ids[order[0]]), params)
-        torch.manual_seed(params.seed)
-        kwargs = {"do_sample": False} if params.greedy else {
-            "do_sample": True, "temperature": params.temperature, "top_p": params.top_p}
-        for start in range(0, len(order), size):
-            idx = order[start:start + size]
-            # generate() stops a batch once every row has produced an end-of-sequence token (finished rows are
-            # filled with pad tokens until then), so a batch of short answers costs only its longest answer.
-            with torch.inference_mode():
-                inputs = self._prefilled([ids[i] for i in idx])
-                gen = self.model.generate(**inputs, max_new_tokens=params.max_new_tokens,
-                                          pad_token_id=self.tokenizer.pad_token_id, **kwargs)
-            new = gen[:, inputs["input_ids"].shape[1]:]
-            for i, text in zip(idx, self.tokenizer.batch_decode(new, skip_special_tokens=True), strict=True):
-                out[i] = text
-                if on_result:
-                    on_result(i, text)
-            print(f"generated {min(start + size, len(order))}/{len(order)} (batch size {size})", flush=True)
-        return out
-
-    def _prefillable(self) -> bool:
-        """Whether this model's cache is the plain per-layer concatenating kind that _prefilled can join (not a
-        sliding-window, hybrid or recurrent one)."""
-        if not hasattr(self, "_can_prefill"):
-            import inspect
-
-            from transformers import DynamicCache
-            from transformers.cache_utils import DynamicLayer
-
-            try:
-                layers = DynamicCache(config=self.model.config).layers
-            except Exception:  # a config the cache cannot read: use plain left-padded generation
-                layers = []
-            self._can_prefill = bool(layers) and all(type(layer) is DynamicLayer for layer in layers) and \
-                "logits_to_keep" in inspect.signature(self.model.forward).parameters
-        return self._can_prefill
-
-    def _prefilled(self, rows: list[list[int]]) -> dict:
-        """generate() inputs for one batch of token-id rows: input_ids, attention_mask and, where the model allows,
-        past_key_values holding every row but its last token, so that generate() starts decoding at once.
-
-        The rows' shared prefix (the chat template's system turn: 24 of the demo prompts' 52 tokens on average) is
-        computed once; the rest is computed in chunks of similar length of at most PREFILL_TOKENS padded tokens,
-        padded between the prefix and the row's own tokens, and the chunks are joined by left padding. Positions
-        follow the attention mask, as generate() computes them, so the answers are those of plain left padding."""
-        import torch
-
-        pad, dev = self.tokenizer.pad_token_id, self.device
-
-        def tensor(data, *shape):
-            return torch.tensor(data, dtype=torch.long, device=dev).view(*shape)
-
-        if not self._prefillable():
-            return self.tokenizer.pad({"input_ids": rows}, return_tensors="pt").to(dev)
-        from transformers import DynamicCache
-
-        # The last token of every row is left to generate(), so the prefix ends before the shortest row's last one.
-        shared = min(len(os.path.commonprefix(rows)), min(len(r) for r in rows) - 1)
-        prefix_kv = []
-        if shared:
-            cache = DynamicCache()
-            self.model(input_ids=tensor([rows[0][:shared]], 1, shared), past_key_values=cache, use_cache=True,
-                       logits_to_keep=1)
-            prefix_kv = [(layer.keys, layer.values) for layer in cache.layers]
-        order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
-        chunks, start = [], 0
-        while start < len(order):
-            take = max(1, PREFILL_TOKENS // max(len(rows[order[start]]) - 1, 1))  # its first row is its longest
-            chunks.append(order[start:start + take])
-            start += take
-        # Everything but the last tokens, left-padded to the longest row: ids, mask and each layer's keys and values.
-        total = len(rows[order[0]]) - 1
-        ids = tensor([pad] * (len(rows) * total), len(rows), total)
-        mask = torch.zeros_like(ids)
-        kv = None
-        for chunk in chunks:
-            n, at = len(chunk), tensor(chunk, -1)
-            tails = [rows[i][shared:-1] for i in chunk]
-            width = max(len(t) for t in tails)
-            tail_ids = tensor([[pad] * (width - len(t)) + t for t in tails], n, width)
-            tail_mask = tensor([[0] * (width - len(t)) + [1] * len(t) for t in tails], n, width)
-            chunk_mask = torch.cat([tail_mask.new_ones(n, shared), tail_mask], 1)
-            cache = DynamicCache([(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in prefix_kv] or None)
-            if width:
-                positions = (shared + tail_mask.cumsum(-1) - 1).clamp(min=0)
-                self.model(input_ids=tail_ids, attention_mask=chunk_mask, position_ids=positions, past_key_values=cache,
-                           use_cache=True, logits_to_keep=1)
-            used = shared + width
-            if not used:
-                continue
-            ids[at, total - used:] = torch.cat([tensor([rows[i][:shared] for i in chunk], n, shared), tail_ids], 1)
-            mask[at, total - used:] = chunk_mask
-            if kv is None:
-                kv = [tuple(x.new_zeros(len(rows), x.shape[1], total, x.shape[3]) for x in (layer.keys, layer.values))
-                      for layer in cache.layers]
-            for (keys, values), layer in zip(kv, cache.layers, strict=True):
-                keys[at, :, total - used:] = layer.keys
-                values[at, :, total - used:] = layer.values
-            del cache
-        last = tensor([r[-1] for r in rows], -1, 1)
-        inputs = {"input_ids": torch.cat([ids, last], 1), "attention_mask": torch.cat([mask, torch.ones_like(last)], 1)}
-        if kv is not None:
-            inputs["past_key_values"] = DynamicCache(kv)
-        return inputs
-
-    @property
-    def chat_template(self) -> str:
-        return self.tokenizer.chat_template or ""
-
-
-def vllm_engine_args(model: str, tensor_parallel_size: int = 1, max_model_len: int | None = None,
-                     seed: int = 0, dtype: str = "auto", enforce_eager: bool = False) -> dict:
-    """Keyword arguments for vllm.LLM; kept separate so tests can check them without a GPU."""
-    base, adapter = resolve_model(model)
-    args = {"model": base, "tensor_parallel_size": tensor_parallel_size, "seed": seed, "dtype": dtype,
-            "enable_lora": adapter is not None}
-    if max_model_len:
-        args["max_model_len"] = max_model_len
-    if enforce_eager:
-        # No torch.compile / CUDA graph capture: minutes of start-up that only long runs win back.
-        args["enforce_eager"] = True
-    if adapter:
-        cfg = json.loads((Path(adapter) / "adapter_config.json").read_text())
-        # vLLM accepts only these ranks as the LoRA slot size: the smallest one that holds the adapter.
-        args["max_lora_rank"] = next(x for x in (16, 32, 64, 128, 256, 320, 512) if x >= int(cfg.get("r", 16)))
-    return args
-
-
-def vllm_sampling_args(params: GenParams) -> dict:
-    return {"max_tokens": params.max_new_tokens, "temperature": max(params.temperature, 0.0),
-            "top_p": params.top_p if not params.greedy else 1.0, "seed": params.seed}
-
-
-class VLLMBackend:
-    """vLLM offline inference (GPU; tensor parallel size from the job's GPU count)."""
-
-    name = "vllm"
-
-    def __init__(self, model: str, tensor_parallel_size: int = 1, max_model_len: int | None = None,
-                 dtype: str = "auto", enforce_eager: bool = False):
-        from vllm import LLM
-
-        self.args = vllm_engine_args(model, tensor_parallel_size, max_model_len, dtype=dtype,
-                                     enforce_eager=enforce_eager)
-        self.adapter = resolve_model(model)[1]
-        self.llm = LLM(**self.args)
-
-    def generate(self, prompts: list[list[dict]], params: GenParams, on_result: OnResult | None = None) -> list[str]:
-        from vllm import SamplingParams
-
-        lora = None
-        if self.adapter:
-            from vllm.lora.request import LoRARequest
-
-            lora = LoRARequest("adapter", 1, self.adapter)
-        outputs = self.llm.chat(prompts, SamplingParams(**vllm_sampling_args(params)), lora_request=lora)
-        texts = [o.outputs[0].text for o in outputs]
-        if on_result:
-            for i, text in enumerate(texts):
-                on_result(i, text)
-        return texts
-
-    @property
-    def chat_template(self) -> str:
-        return self.llm.get_tokenizer().chat_template or ""
-
-
-class LLMRequestError(RuntimeError):
-    """A request that failed for good. The message names the server URL, never a credential."""
-
-
-class ServerUnreachable(LLMRequestError):
-    """No connection to the server at all: not one item's fault, so raised even under on_error="none"."""
-
-
-class MalformedReply(ValueError):
-    pass
-
-
-def redact_url(url: str) -> str:
-    """The URL without user:password@, query or fragment: safe to print."""
-    parts = urlsplit(str(url))
-    host = parts.hostname or ""
-    if parts.port:
-        host += f":{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path.rstrip("/"), "", ""))
-
-
-def retry_after_seconds(headers) -> float | None:
-    for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
-        try:
-            return float(headers.get(name)) * scale
-        except (TypeError, ValueError):
-            continue
-    return None
-
-
-class OpenAIBackend:
-    """Any OpenAI-compatible chat server: `concurrency` requests in flight, each with a `timeout`, retried up to
-    `max_retries` times with exponential backoff and jitter (or the server's Retry-After; waits are capped at
-    `max_backoff` seconds) on 408/409/429/5xx, timeouts, connection errors and malformed bodies. The key is read
-    from the environment variable `api_key_env` and never appears in messages, logs or outputs."""
-
-    name = "openai"
-    chat_template = "server-side"
-
-    def __init__(self, model: str, base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY",
-                 concurrency: int = 8, timeout: float = 60.0, max_retries: int = 5, backoff: float = 0.5,
-                 max_backoff: float = 30.0):
-        from openai import OpenAI
-
-        if concurrency < 1 or max_retries < 0 or timeout <= 0:
-            raise ValueError("need concurrency >= 1, max_retries >= 0 and timeout > 0")
-        self.model, self.concurrency, self.timeout = model, concurrency, timeout
-        self.max_retries, self.backoff, self.max_backoff = max_retries, backoff, max_backoff
-        self._key = os.environ.get(api_key_env) or ""
-        # Retries are ours (max_retries=0 here) so that malformed bodies are retried like 5xx answers.
-        self.client = OpenAI(base_url=base_url, api_key=self._key or "EMPTY", timeout=timeout, max_retries=0)
-        self.url = redact_url(str(self.client.base_url))
-        self.requests = self.retries = 0
-        self._count_lock = threading.Lock()
-
-    def _scrub(self, text: str) -> str:
-        return text.replace(self._key, "***") if len(self._key) >= 4 else text
-
-    def _classify(self, err: Exception) -> tuple[str, bool, float | None]:
-        """(reason, worth retrying, server-requested delay) for a failed attempt; unknown errors propagate."""
-        import openai
-
-        if isinstance(err, openai.APITimeoutError):
-            return f"no answer within {self.timeout:g} s", True, None
-        if isinstance(err, openai.APIConnectionError):
-            cause = err.__cause__ or err
-            return f"connection failed: {type(cause).__name__}: {cause}", True, None
-        if isinstance(err, openai.APIStatusError):
-            code = err.status_code
-            message = str(err.message).removeprefix(f"Error code: {code} - ")[:200]
-            return f"HTTP {code}: {message}", code in (408, 409, 429) or code >= 500, retry_after_seconds(
-                err.response.headers)
-        if isinstance(err, (openai.APIResponseValidationError, ValueError)):  # JSONDecodeError is a ValueError
-            return f"malformed reply: {type(err).__name__}: {str(err)[:200]}", True, None
-        raise err
-
-    def _one(self, messages: list[dict], params: GenParams, stop: threading.Event) -> str:
-        for attempt in range(self.max_retries + 1):
-            if stop.is_set():
-                raise LLMRequestError(f"{self.url}: cancelled")
-            with self._count_lock:
-                self.requests += 1
-                self.retries += attempt > 0
-            try:
-                reply = self.client.chat.completions.create(
-                    model=self.model, messages=messages, max_tokens=params.max_new_tokens,
-                    temperature=max(params.temperature, 0.0), top_p=params.top_p, seed=params.seed)
-                choices = getattr(reply, "choices", None)
-                if not choices or getattr(choices[0], "message", None) is None:
-                    raise MalformedReply("no choices[0].message in the reply")
-                return choices[0].message.content or ""
-            except Exception as err:  # classified below; anything unknown is re-raised there
-                reason, retry, wait_s = self._classify(err)
-            reason = self._scrub(reason)
-            if not retry or attempt == self.max_retries:
-                break
-            # Jitter spreads out threads that failed together (one 429 burst) so they do not retry together.
-            if wait_s is None:
-                wait_s = min(self.max_backoff, self.backoff * 2 ** attempt) * random.uniform(0.5, 1.0)
-            else:
-                wait_s *= random.uniform(1.0, 1.2)
-            log.debug("%s: attempt %d failed (%s), retrying in %.2f s", self.url, attempt + 1, reason, wait_s)
-            if stop.wait(min(wait_s, self.max_backoff)):
-                raise LLMRequestError(f"{self.url}: cancelled")
-        where, tries = f"{self.url}/chat/completions", f"{attempt + 1} attempt{'s' * (attempt > 0)}"
-        if reason.startswith("connection failed"):
-            raise ServerUnreachable(f"cannot reach {where} ({reason}) after {tries}")
-        raise LLMRequestError(f"request to {where} failed after {tries}: {reason}")
-
-    def generate(self, prompts: list[list[dict]], params: GenParams, on_result: OnResult | None = None,
-                 on_error: str = "raise") -> list[str | None]:
-        """Answers in input order. `on_result(index, answer)` is called in this thread as each item completes.
-        on_error="raise" stops at the first item that fails for good; "none" logs it, gives it None and goes
-        on (an unreachable server still raises)."""
-        if on_error not in ("raise", "none"):
-            raise ValueError(f"on_error must be 'raise' or 'none', not {on_error!r}")
-        out: list[str | None] = [None] * len(prompts)
-        if not prompts:
-            return out
-        stop = threading.Event()
-        pool = ThreadPoolExecutor(min(self.concurrency, len(prompts)))
-        every = max(1, len(prompts) // 10)
-        try:
-            index = {pool.submit(self._one, p, params, stop): i for i, p in enumerate(prompts)}
-            for finished, future in enumerate(as_completed(index), 1):
-                i, err = index[future], future.exception()
-                if err is None:
-                    out[i] = future.result()
-                elif on_error == "none" and isinstance(err, LLMRequestError) and not isinstance(err, ServerUnreachable):
-                    log.warning("item %d failed: %s", i, err)
-                else:
-                    raise err
-                if on_result:
-                    on_result(i, out[i])
-                if finished % every == 0 or finished == len(prompts):
-                    print(f"generated {finished}/{len(prompts)}", flush=True)
-        except BaseException:
-            stop.set()  # in-flight requests finish (bounded by the timeout); queued ones never start
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
-        pool.shutdown()
-        return out
-
-
-def visible_gpus() -> int:
-    """GPUs this job can see: SLURM's GPU request decides it, so the tensor parallel size follows the rule's
-    resources without a config value."""
-    import torch
-
-    return torch.cuda.device_count()
-
-
-def make_backend(name: str, model: str, **opts):
-    if name == "hf":
-        return HFBackend(model, threads=opts.get("threads"), dtype=opts.get("dtype") or "auto")
-    if name == "vllm":
-        return VLLMBackend(model, tensor_parallel_size=opts.get("tensor_parallel_size") or max(visible_gpus(), 1),
-                           max_model_len=opts.get("max_model_len"), dtype=opts.get("dtype") or "auto",
-                           enforce_eager=bool(opts.get("enforce_eager")))
-    if name == "openai":
-        tuning = {k: opts[k] for k in ("concurrency", "timeout", "max_retries") if opts.get(k) is not None}
-        return OpenAIBackend(model, base_url=opts.get("base_url"),
-                             api_key_env=opts.get("api_key_env") or "OPENAI_API_KEY", **tuning)
-    raise ValueError(f"unknown generation backend {name!r} (hf, vllm, openai)")
 
 
 def generate_table(table: pa.Table, backend, params: GenParams, path: str = "<table>") -> pa.Table:
@@ -584,10 +56,9 @@ def generate_table(table: pa.Table, backend, params: GenParams, path: str = "<ta
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--model", required=True, help="model folder (full weights or a peft adapter), or API model")
     ap.add_argument("--input", required=True)
     ap.add_argument("--output", required=True)
-    ap.add_argument("--backend", default="hf", choices=["hf", "vllm", "openai"])
+    add_endpoint_args(ap)
     ap.add_argument("--max_new_tokens", type=int, default=256)
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--top_p", type=float, default=1.0)
@@ -596,36 +67,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--limit", type=int, default=None, help="first N prompts only")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--tensor_parallel_size", type=int, default=None)
-    ap.add_argument("--dtype", default="auto", help="hf, vllm: weight dtype; vLLM's auto runs float32 "
-                    "checkpoints in bfloat16/float16; hf's auto is float32 on CPU, bfloat16 on a GPU that supports it")
-    ap.add_argument("--enforce_eager", action="store_true", help="vllm: skip compilation and CUDA graphs")
-    ap.add_argument("--base_url", default=None)
-    ap.add_argument("--api_key_env", default=None, help="environment variable holding the API key (openai)")
-    ap.add_argument("--concurrency", type=int, default=None, help="requests in flight (openai; default 8)")
-    ap.add_argument("--timeout", type=float, default=None, help="seconds per request (openai; default 60)")
-    ap.add_argument("--max_retries", type=int, default=None, help="retries per request (openai; default 5)")
     ap.add_argument("--cache", default=None, help="SQLite request cache: only requests not in it are generated")
     args = ap.parse_args(argv)
     params = GenParams(args.max_new_tokens, args.temperature, args.top_p, args.batch_size, args.seed)
-    try:
+    with cli_errors():
         table = read_table(args.input)
         if args.limit:
             table = table.slice(0, args.limit)
-        backend = make_backend(args.backend, args.model, threads=args.threads,
-                               tensor_parallel_size=args.tensor_parallel_size, base_url=args.base_url,
-                               api_key_env=args.api_key_env, concurrency=args.concurrency, timeout=args.timeout,
-                               max_retries=args.max_retries, dtype=args.dtype, enforce_eager=args.enforce_eager)
-        if args.cache:
-            backend = CachedBackend(backend, args.cache, f"{args.backend}:{model_fingerprint(args.model)}")
+        backend = open_backend(endpoint_from_args(args), threads=args.threads, cache=args.cache)
         start = time.time()
         out = generate_table(table, backend, params, args.input)
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except LLMRequestError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
     with atomic_file(args.output, suffix=".parquet") as tmp:
         pq.write_table(out, tmp, compression="zstd")
     if args.cache:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from workflow_scripts.generate import GenParams, make_backend, redact_url
 from workflow_scripts.io import DataError, last_turn, sha256_text
+from workflow_scripts.llm import GenParams, add_endpoint_args, endpoint_from_args, open_backend
 from workflow_scripts.score import is_refusal, summarise
 from workflow_scripts.scoring import add_generation_args, load_generations, write_result
 
@@ -50,18 +50,6 @@ def instruction_of(row: dict, path: str, row_no: int) -> str:
     if i < 0:
         raise DataError(path, row_no, "messages", "no user turn")
     return row["messages"][i]["content"]
-
-
-def wrap_cache(backend, cache: str | None, backend_name: str, model: str):
-    """Wrap a backend in the disk request cache (workflow_scripts.llm_cache) when one is asked for."""
-    if not cache:
-        return backend
-    try:
-        from workflow_scripts import llm_cache
-    except ImportError as err:
-        raise SystemExit(f"error: --cache needs workflow_scripts.llm_cache, which is not installed ({err})") from None
-    # The fingerprint folds a local judge folder's file sizes and mtimes into the key: new weights, new answers.
-    return llm_cache.CachedBackend(backend, cache, f"{backend_name}:{llm_cache.model_fingerprint(model)}")
 
 
 def ask_with_retries(backend, prompts: list[list[dict]], params: GenParams, parse) -> tuple[list, list[str], list[int]]:
@@ -282,12 +270,8 @@ def main(argv: list[str] | None = None) -> None:
         if name == "winrate":
             p.add_argument("--baseline_generations", nargs="+", required=True,
                            help="the baseline experiment's generations: one file, or one per seed")
-        p.add_argument("--backend", required=True, choices=["hf", "vllm", "openai"])
-        p.add_argument("--model", required=True, help="judge model: local folder or API model name")
-        p.add_argument("--base_url", default=None)
-        p.add_argument("--api_key_env", default=None, help="environment variable holding the API key")
+        add_endpoint_args(p)  # the judge model: a local folder or an API model name
         p.add_argument("--threads", type=int, default=None)
-        p.add_argument("--tensor_parallel_size", type=int, default=None)
         p.add_argument("--cache", default=None, help="disk request cache (workflow_scripts.llm_cache)")
         p.add_argument("--prompt", default=str(HARMFULNESS_PROMPT if name == "harmfulness" else PAIRWISE_PROMPT))
         p.add_argument("--max_new_tokens", type=int, default=256)
@@ -304,9 +288,8 @@ def main(argv: list[str] | None = None) -> None:
         template, prompt_id = load_prompt(args.prompt)
         generations = load_generations(args.generations, args.seeds, args.limit)
         baselines = load_generations(args.baseline_generations) if args.command == "winrate" else None
-        backend = make_backend(args.backend, args.model, threads=args.threads, base_url=args.base_url,
-                               tensor_parallel_size=args.tensor_parallel_size, api_key_env=args.api_key_env)
-        backend = wrap_cache(backend, args.cache, args.backend, args.model)
+        endpoint = endpoint_from_args(args)
+        backend = open_backend(endpoint, threads=args.threads, cache=args.cache)
         if args.command == "harmfulness":
             result, examples = judge_harmfulness(generations, backend, params, template)
         else:
@@ -314,8 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     except (DataError, ValueError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    judge = {"model": args.model, "backend": args.backend,
-             "base_url": redact_url(args.base_url) if args.base_url else None, "cache": args.cache,
+    judge = {**endpoint.describe(), "cache": args.cache,
              **prompt_id, "params": asdict(params), "limit": args.limit}
     baseline = ({"baseline_files": [b[1] for b in baselines], "baseline_generation": baselines[0][3]}
                 if baselines else {})

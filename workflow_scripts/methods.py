@@ -46,6 +46,12 @@ def step_problem(step: dict, where: str, schemas: dict[str, dict]) -> str | None
     return f"{path}: {error.message}"
 
 
+def llm_options(schema: dict) -> list[str]:
+    """The options of a method that name an entry of config `llms:` (`format: llm` in its schema): the workflow
+    checks those names and hands the job the entry itself, as a dict of workflow_scripts.llm.Endpoint fields."""
+    return [k for k, p in schema.get("properties", {}).items() if isinstance(p, dict) and p.get("format") == "llm"]
+
+
 def names_in_steps(steps: Iterable[dict], names: Iterable[str]) -> list[str]:
     """The option values of `steps` (strings, or strings in a list) that are among `names`, in order of first
     use: the models and datasets a step refers to by name, whatever the option is called."""

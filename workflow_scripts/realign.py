@@ -22,7 +22,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from workflow_scripts.generate import GenParams, LLMRequestError, make_backend
 from workflow_scripts.io import (
     DataError,
     atomic_file,
@@ -36,7 +35,7 @@ from workflow_scripts.io import (
     write_json,
     write_table,
 )
-from workflow_scripts.llm_cache import CachedBackend, model_fingerprint
+from workflow_scripts.llm import Endpoint, GenParams, cli_errors, open_backend
 from workflow_scripts.methods import option_type, options_from_cli
 from workflow_scripts.realign_retrieve import clean_snippets, make_retriever
 
@@ -65,15 +64,20 @@ _STRIP = string.punctuation.replace("_", "") + string.whitespace + "“”‘’
 CODE_FENCE = re.compile(r"```[\s\S]*?```")
 LENGTH_FLOOR = 0.5  # a rewrite this much shorter than the original has dropped content
 BACKENDS, RETRIEVERS = ("hf", "vllm", "openai"), ("none", "bm25", "serper")
+ROLES = ("classifier", "rewriter")
 
 
 @dataclass(frozen=True)
 class RealignOptions:
     """A realign step's options (config.yaml, `--options` or `run`'s flags): the one home of their defaults.
-    The workflow passes models and the tokenizer as folders (a name from `models` -> models/base/<name>)."""
+    The workflow passes models and the tokenizer as folders (a name from `models` -> models/base/<name>). A role is
+    an endpoint of config's `llms:` (`classifier`/`rewriter`: the workflow hands over the entry as a dict of
+    workflow_scripts.llm.Endpoint fields) or its own flat options (`classifier_model`, `classifier_backend`, ...)."""
 
-    classifier_model: str
-    rewriter_model: str
+    classifier: dict | None = None
+    rewriter: dict | None = None
+    classifier_model: str | None = None
+    rewriter_model: str | None = None
     classifier_backend: str = "openai"
     rewriter_backend: str = "openai"
     classifier_base_url: str | None = None
@@ -100,6 +104,11 @@ class RealignOptions:
     def __post_init__(self):
         if self.n < 1:
             raise ValueError("realign option 'n' must be >= 1")
+        for role in ROLES:
+            if not getattr(self, role) and not getattr(self, f"{role}_model"):
+                raise ValueError(f"realign needs option {role!r} (an `llms` entry) or {role + '_model'!r}")
+            if getattr(self, role) and getattr(self, f"{role}_model"):
+                raise ValueError(f"realign: give {role!r} or {role + '_model'!r}, not both")
 
 
 # ---------------------------------------------------------------- task criteria and prompts
@@ -320,7 +329,7 @@ def job_paths(step: dict, models: Collection[str], base_model: str) -> dict[str,
     `base_model`, and a bm25 retriever reads its corpus. The job gets these paths in place of the names."""
     paths = {}
     for role in ("classifier_model", "rewriter_model"):
-        if step[role] in models:
+        if step.get(role) in models:
             paths[role] = f"models/base/{step[role]}"
     if step.get("tokenizer"):
         paths["tokenizer"] = base_model if step["tokenizer"] == "base" else step["tokenizer"]
@@ -332,10 +341,16 @@ def job_paths(step: dict, models: Collection[str], base_model: str) -> dict[str,
 # ---------------------------------------------------------------- sharding
 
 
+def role_backend(step: dict, role: str) -> str:
+    """The backend a role of a step runs on; the step's `llms` roles written out as dicts (the entries)."""
+    if isinstance(step.get(role), dict):
+        return step[role].get("backend", "hf")
+    return step.get(f"{role}_backend", RealignOptions.__dataclass_fields__[f"{role}_backend"].default)
+
+
 def runs_local_model(step: dict) -> bool:
     """Whether a step runs a role on a local model (hf or vllm backend) rather than an OpenAI-compatible server."""
-    return any(step.get(f"{role}_backend", RealignOptions.__dataclass_fields__[f"{role}_backend"].default) != "openai"
-               for role in ("classifier", "rewriter"))
+    return any(role_backend(step, role) != "openai" for role in ROLES)
 
 
 def merge_shards(source: pa.Table, shards: list[pa.Table], decisions: list[pa.Table],
@@ -406,23 +421,24 @@ def to_realign(table: pa.Table, decisions: pa.Table | None = None) -> list[dict]
 # ---------------------------------------------------------------- CLI
 
 
+def role_endpoint(opts: RealignOptions, role: str) -> Endpoint:
+    """The endpoint a role talks to: its `llms` entry, or its flat options (the server and key shared by both
+    roles unless the role names its own)."""
+    if getattr(opts, role):
+        return Endpoint(**getattr(opts, role))
+    return Endpoint(backend=getattr(opts, f"{role}_backend"), model=getattr(opts, f"{role}_model"),
+                    base_url=getattr(opts, f"{role}_base_url") or opts.base_url,
+                    api_key_env=getattr(opts, f"{role}_api_key_env") or opts.api_key_env,
+                    concurrency=opts.concurrency, timeout=opts.timeout, max_retries=opts.max_retries)
+
+
 def _backends(opts: RealignOptions, threads: int | None = None, cache_dir: str | None = None) -> tuple:
-    """(classifier, rewriter); one backend object serves both roles when they name the same model and server
-    (a local model is loaded once), each role with its own request cache."""
-    built, out = {}, []
-    for role in ("classifier", "rewriter"):
-        kind, model = getattr(opts, f"{role}_backend"), getattr(opts, f"{role}_model")
-        url = getattr(opts, f"{role}_base_url") or opts.base_url
-        key_env = getattr(opts, f"{role}_api_key_env") or opts.api_key_env
-        if (kind, model, url, key_env) not in built:
-            built[kind, model, url, key_env] = make_backend(
-                kind, model, base_url=url, api_key_env=key_env, concurrency=opts.concurrency, timeout=opts.timeout,
-                max_retries=opts.max_retries, threads=threads)
-        backend = built[kind, model, url, key_env]
-        if cache_dir:
-            backend = CachedBackend(backend, Path(cache_dir) / f"{role}.sqlite", f"{kind}:{model_fingerprint(model)}")
-        out.append(backend)
-    return tuple(out)
+    """(classifier, rewriter); one backend object serves both roles when they name the same endpoint (a local
+    model is loaded once), each role with its own request cache."""
+    loaded = {}
+    return tuple(open_backend(role_endpoint(opts, role), threads,
+                              Path(cache_dir) / f"{role}.sqlite" if cache_dir else None, loaded)
+                 for role in ROLES)
 
 
 def cmd_run(args) -> None:
@@ -505,7 +521,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for f in fields(RealignOptions):
         default = f"(default {f.default})" if f.default not in (None, MISSING) else None
         text = " ".join(filter(None, [helps.get(f.name), default]))
-        run.add_argument(f"--{f.name}", type=option_type(RealignOptions, f.name), choices=choices.get(f.name),
+        kind = option_type(RealignOptions, f.name)
+        run.add_argument(f"--{f.name}", type=json.loads if kind is dict else kind, choices=choices.get(f.name),
                          default=argparse.SUPPRESS, help=text or None)
     split = sub.add_parser("split", help="canonical Parquet -> N shards by id hash")
     split.add_argument("--input", required=True)
@@ -532,14 +549,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    try:
+    with cli_errors():
         {"run": cmd_run, "split": cmd_split, "merge": cmd_merge, "convert": cmd_convert}[args.cmd](args)
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except LLMRequestError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

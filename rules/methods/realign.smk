@@ -9,7 +9,7 @@ from workflow_scripts import realign
 REALIGN_JOB_CLASS = inference_class(
     "hf"
     if any(
-        realign.runs_local_model(step)
+        realign.runs_local_model({**step, **{k: LLMS[n] for k, n in step_llms(step).items()}})
         for x in config["experiments"].values()
         for step in x.get("methods", [])
         if step["method"] == "realign"
@@ -42,6 +42,7 @@ rule realign_shard:
         # The shard, and the local models, tokenizer folder and BM25 corpus the step's options name.
         shard="data/{exp}/steps/{i}_realign/in_{scatteritem}.parquet",
         paths=lambda wc: list(realign.job_paths(step_options(wc), config["models"], base_model(wc.exp)).values()),
+        llm_models=step_llm_files,
     output:
         data=temp("data/{exp}/steps/{i}_realign/out_{scatteritem}.parquet"),
         decisions=temp("data/{exp}/steps/{i}_realign/decisions_{scatteritem}.parquet"),
@@ -60,7 +61,7 @@ rule realign_shard:
         **job_class(REALIGN_JOB_CLASS),
     conda:
         # gpu_env's path is relative to rules/, and this file is one folder deeper.
-        lambda wc: os.path.join("..", gpu_env(step_options(wc).get("rewriter_backend")))
+        lambda wc: os.path.join("..", gpu_env(realign.role_backend(json.loads(step_json(wc)), "rewriter")))
     log:
         "logs/{exp}/realign_{i}_{scatteritem}.log",
     benchmark:

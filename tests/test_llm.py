@@ -1,0 +1,114 @@
+"""The LLM-backend library (workflow_scripts.llm) and the `llms:` registry that generation, judges and method roles
+name their endpoints in."""
+
+import argparse
+import json
+import re
+
+import pytest
+import yaml
+from smk_helpers import TINY, smk
+
+from workflow_scripts import llm
+from workflow_scripts.llm_cache import CachedBackend
+
+
+def test_endpoint_checks_its_backend_and_model():
+    with pytest.raises(ValueError, match="unknown LLM backend 'tgi'"):
+        llm.Endpoint("tgi", "m")
+    with pytest.raises(ValueError, match="needs a model"):
+        llm.Endpoint("openai")
+    e = llm.Endpoint("openai", "gpt", base_url="https://user:hunter2@api.example/v1", api_key_env="KEY")
+    assert e.describe() == {"backend": "openai", "model": "gpt", "base_url": "https://api.example/v1"}
+    assert llm.Endpoint("hf", "models/base/tiny").describe()["base_url"] is None
+
+
+def test_endpoint_flags_round_trip_with_and_without_a_role_prefix():
+    ap = argparse.ArgumentParser()
+    llm.add_endpoint_args(ap)
+    llm.add_endpoint_args(ap, prefix="rewriter", required_model=False)
+    args = ap.parse_args(["--backend", "vllm", "--model", "m", "--tensor_parallel_size", "2", "--enforce_eager",
+                          "--rewriter_backend", "openai", "--rewriter_model", "gpt", "--rewriter_timeout", "5"])
+    assert llm.endpoint_from_args(args) == llm.Endpoint("vllm", "m", tensor_parallel_size=2, enforce_eager=True)
+    assert llm.endpoint_from_args(args, "rewriter") == llm.Endpoint("openai", "gpt", timeout=5.0)
+    assert set(llm.ENDPOINT_FIELDS) >= {"backend", "model", "base_url", "api_key_env", "concurrency", "timeout"}
+
+
+def test_open_backend_shares_one_loaded_model_between_roles_each_with_its_own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    endpoint = llm.Endpoint("openai", "gpt", base_url="http://127.0.0.1:9/v1", timeout=3.0, max_retries=0)
+    loaded = {}
+    a = llm.open_backend(endpoint, cache=tmp_path / "a.sqlite", loaded=loaded)
+    b = llm.open_backend(endpoint, cache=tmp_path / "b.sqlite", loaded=loaded)
+    assert isinstance(a, CachedBackend) and isinstance(b, CachedBackend)
+    assert a.backend is b.backend and len(loaded) == 1  # one client (or one local model) for both roles
+    assert a.model_id == "openai:gpt" and a.cache is not b.cache
+    plain = llm.open_backend(endpoint)
+    assert isinstance(plain, llm.OpenAIBackend) and plain is not a.backend
+    assert plain.timeout == 3.0 and plain.max_retries == 0
+
+
+# ---------------------------------------------------------------- the registry in the workflow
+
+
+def tiny_cfg():
+    return yaml.safe_load(TINY.read_text())
+
+
+def dry_run(tmp_path, cfg, *targets, check=True):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    # --configfile takes several files: the targets go before it.
+    return smk(tmp_path, "-n", "-p", *targets, "--configfile", str(path), check=check)
+
+
+def test_old_judges_section_fails_with_what_to_write(tmp_path):
+    cfg = tiny_cfg()
+    cfg["judges"] = cfg.pop("llms")
+    proc = dry_run(tmp_path, cfg, check=False)
+    assert proc.returncode != 0
+    assert "judges: renamed `llms`" in proc.stdout and "its `prompt` into the eval entries" in proc.stdout
+
+
+def test_unknown_llm_names_the_key(tmp_path):
+    cfg = tiny_cfg()
+    cfg["experiments"]["tiny_realign"]["methods"][0]["rewriter"] = "nope"
+    cfg["experiments"]["tiny_vanilla"]["eval"]["win_rate"]["judge"] = "nope2"
+    cfg["generation"] = {"llm": "tiny_lm"}
+    out = dry_run(tmp_path, cfg, check=False).stdout
+    assert "experiments.tiny_realign.methods[0].rewriter: unknown llm (got 'nope'; llms: " in out
+    assert "experiments.tiny_vanilla.eval.win_rate.judge: win_rate needs a judge from `llms` (got 'nope2'" in out
+    assert "llms.tiny_lm.model: generation.llm sets how to generate" in out
+
+
+def test_a_method_role_gets_the_endpoint_and_its_model_folder(tmp_path):
+    cfg = tiny_cfg()
+    cfg["llms"]["server"] = {"backend": "openai", "model": "gpt-x", "base_url": "http://127.0.0.1:9/v1",
+                             "api_key_env": "MY_KEY", "concurrency": 3}
+    step = cfg["experiments"]["tiny_realign"]["methods"][0]
+    step["rewriter"] = "server"
+    out = dry_run(tmp_path, cfg, "data/tiny_realign/steps/1_realign.parquet", "results/tiny_realign/manifest.json")
+    shard = next(line for line in out.stdout.splitlines() if "workflow_scripts.realign run" in line)
+    options = json.loads(re.search(r"--options '(.*?)'", shard).group(1))
+    assert options["classifier"] == {"backend": "hf", "model": "models/base/tiny"}
+    assert options["rewriter"] == {"backend": "openai", "model": "gpt-x", "base_url": "http://127.0.0.1:9/v1",
+                                   "api_key_env": "MY_KEY", "concurrency": 3}
+    assert "models/base/tiny" in out.stdout.split("rule realign_shard:")[1].split("output:")[0]
+    manifest = next(line for line in out.stdout.splitlines() if "workflow_scripts.manifest" in line)
+    subtree = json.loads(re.search(r"--config_json '(.*?)' ", manifest).group(1))
+    assert set(subtree["llms"]) == {"server", "tiny_lm"} and "tiny" in subtree["models"]
+
+
+def test_generation_and_judges_take_their_settings_from_the_registry(tmp_path):
+    cfg = tiny_cfg()
+    cfg["llms"]["cpu_fp32"] = {"backend": "hf", "dtype": "float32"}
+    cfg["generation"] = {"llm": "cpu_fp32", "batch_size": 4}
+    cfg["llms"]["tiny_judge"]["base_url"] = "http://127.0.0.1:9/v1"
+    cfg["experiments"]["tiny_vanilla"]["eval"]["judge_safe_rate"]["prompt"] = "prompts/judge_harmfulness_brief_v1.txt"
+    out = dry_run(tmp_path, cfg, "results/tiny_vanilla/judge_safe_rate.json").stdout
+    generate = next(line for line in out.splitlines() if "workflow_scripts.generate" in line)
+    assert "--backend hf" in generate and "--dtype float32" in generate and "--batch_size 4" in generate
+    judge = next(line for line in out.splitlines() if "workflow_scripts.judge harmfulness" in line)
+    for flag in ("--backend hf ", "--model models/base/tiny ", "--base_url http://127.0.0.1:9/v1 "):
+        assert flag in judge
+    assert "--max_new_tokens 4" in judge and "--prompt prompts/judge_harmfulness_brief_v1.txt" in judge
