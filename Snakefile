@@ -4,11 +4,20 @@ import os
 
 from snakemake.utils import min_version, validate
 
+from workflow_scripts.sweeps import expand_sweeps
+
 min_version("9.0")
 
 
 # The demo config next to this file; --configfile replaces it with yours.
 configfile: os.path.join(workflow.basedir, "config.yaml")
+
+
+# Sweeps become ordinary experiments before validation, so every point is checked like a hand-written one.
+config["experiments"] = {
+    **config.get("experiments", {}),
+    **expand_sweeps(config.get("sweeps", {}), config.get("experiments", {})),
+}
 
 
 validate(config, "schemas/config.schema.yaml")

@@ -104,6 +104,8 @@ def check_config():
 
 def check_eval_entry(exp, metric, entry):
     where = f"experiments.{exp}.eval.{metric}"
+    if metric in ("filter", "manifest"):  # results/{exp}/filter.json and manifest.json are made by their own rules
+        return [f"{where}: {metric!r} is the name of another result file; name this metric differently"]
     spec = {"evalset": entry} if isinstance(entry, str) else entry
     if spec["evalset"] not in config["evalsets"]:
         return [f"{where}: unknown evalset {spec['evalset']!r}"]
@@ -177,7 +179,7 @@ BBQ_DATASETS = [n for n, d in config["datasets"].items() if "bbq" in d]
 
 wildcard_constraints:
     dataset=r"[A-Za-z0-9_\-]+",
-    exp=r"[A-Za-z0-9_\-]+",
+    exp=r"[A-Za-z0-9_.\-]+",
     evalset=r"[A-Za-z0-9_\-]+",
     seed=r"\d+",
     i=r"\d+",
