@@ -6,6 +6,7 @@ import shlex
 from workflow_scripts.llm import ENDPOINT_FIELDS
 from workflow_scripts.methods import llm_options, method_schemas, names_in_steps, step_problem
 from workflow_scripts.objectives import recipe_problems
+from workflow_scripts.sweeps import sweep_points
 
 DEMO_DATASETS = [n for n, d in config["datasets"].items() if "generator" in d]
 FILE_DATASETS = [n for n, d in config["datasets"].items() if "url" in d or "path" in d or "hub" in d]
@@ -540,3 +541,44 @@ def check_job_classes():
 
 
 check_job_classes()
+
+
+# ---------------------------------------------------------------- sweeps (used by report.smk)
+SWEEPS = {name: sweep_points(name, spec) for name, spec in config.get("sweeps", {}).items()}
+
+
+def labelled_chain(experiment):
+    """Whether a chain mixes in an unsafe dataset and then has a step that may drop rows: its filter measures
+    have a ground truth."""
+    steps = experiment.get("methods", [])
+    first = next((k for k, s in enumerate(steps) if s["method"] == "mix" and "unsafe" in s), None)
+    return first is not None and first < len(steps) - 1
+
+
+def sweep_x(name):
+    """The axis a sweep's report plots along: `x`, else its first list-valued axis, else its first axis."""
+    spec = config["sweeps"][name]
+    lists = [a for a, v in spec["axes"].items() if isinstance(v, list)]
+    return spec.get("x") or (lists[0] if lists else next(iter(spec["axes"])))
+
+
+def sweep_baseline(name):
+    """The line the others are compared with: `baseline`, else a point named `none` of another axis."""
+    spec = config["sweeps"][name]
+    if "baseline" in spec:
+        return spec["baseline"]
+    lines = {" / ".join(str(v) for k, v in coords.items() if k != sweep_x(name)) for _, _, coords in SWEEPS[name]}
+    return "none" if "none" in lines else None
+
+
+def sweep_baseline_arg(name):
+    line = sweep_baseline(name)
+    return f"--baseline_line {shlex.quote(line)}" if line else ""
+
+
+def sweep_inputs(wildcards):
+    points = SWEEPS[wildcards.sweep]
+    return {
+        "results": [f"results/{e}/{m}.json" for e, x, _ in points for m in x["eval"]],
+        "filters": [f"results/{e}/filter.json" for e, x, _ in points if labelled_chain(x)],
+    }

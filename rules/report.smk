@@ -32,6 +32,8 @@ rule report:
     input:
         results=report_results,
         models=report_models,
+        # filter measures of the chains that mix in labelled unsafe rows and then may drop some
+        filters=lambda wc: [f"results/{e}/filter.json" for e in REPORT["experiments"] if labelled_chain(exp_cfg(e))],
     output:
         # Parquet stays out of the HTML report: it has no mimetype there and would show as binary text.
         parquet="results/report/summary.parquet",
@@ -131,4 +133,28 @@ rule report:
         "python -m workflow_scripts.report --results {params.results} --experiments {params.experiments} "
         "{params.baseline} --notes_json {params.notes:q} --parquet {output.parquet} "
         "--markdown {output.markdown} --report_md {output.report_md} --html {output.html} "
-        "{params.plots} {params.axes} --benchmarks benchmarks --runtime {output.runtime} {params.curves} > {log} 2>&1"
+        "{params.plots} {params.axes} --benchmarks benchmarks --runtime {output.runtime} {params.curves} --filters {input.filters} > {log} 2>&1"
+
+
+# A sweep's own report: each metric against the swept axis, one line per method chain, with the filter measures.
+rule sweep_report:
+    input:
+        unpack(sweep_inputs),
+    output:
+        directory("results/sweeps/{sweep}"),
+    wildcard_constraints:
+        sweep=alternation(SWEEPS),
+    params:
+        points=lambda wc: json.dumps({e: coords for e, _, coords in SWEEPS[wc.sweep]}, sort_keys=True),
+        x=lambda wc: sweep_x(wc.sweep),
+        baseline=lambda wc: sweep_baseline_arg(wc.sweep),
+    conda:
+        "../envs/cpu.yaml"
+    log:
+        "logs/sweep_report_{sweep}.log",
+    benchmark:
+        "benchmarks/sweep_report/sweep_report_{sweep}.tsv"
+    shell:
+        "python -m workflow_scripts.sweep_report --sweep {wildcards.sweep} --points_json {params.points:q} "
+        "--x {params.x} {params.baseline} --results {input.results} --filters {input.filters} "
+        "--out_dir {output} > {log} 2>&1"

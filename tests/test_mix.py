@@ -179,9 +179,9 @@ def test_a_sweep_expands_into_experiments_that_snakemake_plans_and_measures(tmp_
     planned = planned_outputs(out)
     for r in (0, 0.25):
         assert f"data/mixes_ratio{r}__random/steps/2_random_select.parquet" in planned
-    # the measured chain, run for real: mix then random selection, labels carried through, chance-level measures
-    smk(tmp_path, "--cores", "2", "results/mixes_ratio0.25__random/filter.json", "--configfile",
-        str(tmp_path / "cfg.yaml"))
+    # The sweep's report, run for real: mix, random selection with labels carried through, training, scoring,
+    # filter measures, and every metric against the ratio.
+    smk(tmp_path, "--cores", "2", "results/sweeps/mixes", "--configfile", str(tmp_path / "cfg.yaml"))
     result = json.loads((tmp_path / "results/mixes_ratio0.25__random/filter.json").read_text())
     mix_m, rand_m = result["steps"]
     assert mix_m["rows_kept"] == 16 and mix_m["rows_added"] == 4
@@ -189,6 +189,12 @@ def test_a_sweep_expands_into_experiments_that_snakemake_plans_and_measures(tmp_
     final = read_table(tmp_path / "data/mixes_ratio0.25__random/steps/2_random_select.parquet")
     assert sum(final.column("unsafe").to_pylist()) == rand_m["unsafe_out"]
     assert "score_auc" in rand_m
+    report = tmp_path / "results/sweeps/mixes"
+    assert (report / "safe_rate.png").stat().st_size > 0
+    summary = (report / "summary.md").read_text()
+    assert "# Sweep mixes: metrics against ratio" in summary and "| ratio | none | random |" in summary
+    assert "## Filter measures" in summary and "mixes_ratio0.25__random | 0.25 | random_select | 4 / 16" in summary
+    assert not (tmp_path / "results/mixes_ratio0__none/filter.json").exists()  # no mix with unsafe rows to measure
 
 
 def test_shipped_sweeps_and_mix_experiments_are_planned(tmp_path):
@@ -198,3 +204,54 @@ def test_shipped_sweeps_and_mix_experiments_are_planned(tmp_path):
     assert "rule random_select:" in out and "rule filter_measures:" in out
     cfg = yaml.safe_load((REPO / "config.yaml").read_text())
     assert set(cfg["sweeps"]) == {"demo_mix", "gsm8k_mix"}
+
+
+def test_sweep_report_marks_points_separated_from_the_no_method_line(tmp_path):
+    from workflow_scripts import sweep_report
+
+    points, results = {}, []
+    for ratio, values in ((0.0, {"none": 0.9, "random": 0.88}), (0.2, {"none": 0.2, "random": 0.6})):
+        for line, value in values.items():
+            exp = f"s_ratio{ratio}__{line}"
+            points[exp] = {"ratio": ratio, "chain": line}
+            path = tmp_path / exp / "safe_rate.json"
+            path.parent.mkdir()
+            path.write_text(json.dumps({"metric": "safe_rate", "value": value, "ci95": [value - 0.05, value + 0.05],
+                                        "n": 100, "n_seeds": 1}))
+            results.append(str(path))
+    rows = sweep_report.build("s", results, points, "ratio", "none", tmp_path / "out")
+    sep = {(r["x"], r["line"]): r["separated_vs_baseline"] for r in rows}
+    assert sep == {(0.0, "none"): None, (0.0, "random"): False, (0.2, "none"): None, (0.2, "random"): True}
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "| 0.2 | 20.0% (15.0%–25.0%), n=100 | 60.0% (55.0%–65.0%), n=100, +40.0 pp |" in summary
+    assert (tmp_path / "out" / "safe_rate.png").exists()
+    with pytest.raises(DataError, match="not a point of this sweep"):
+        sweep_report.build("s", results, {}, "ratio", "none", tmp_path / "out2")
+
+
+def test_the_unsafe_labels_survive_a_preview_step():
+    from workflow_scripts import preview
+
+    mixed, _ = mix.mix(task_table(12), mix.MixOptions(unsafe="u/demo_unsafe.parquet", ratio=0.25, n=8), "t",
+                       unsafe_table(4))
+    out, _ = preview.preview_table(mixed, None, "virtual")
+    assert out.column("unsafe").equals(mixed.column("unsafe")) and out.column("source").equals(mixed.column("source"))
+
+
+def test_mix_and_random_select_clis(tmp_path, capsys):
+    write_table(task_table(20), tmp_path / "task.parquet")
+    write_table(unsafe_table(3), tmp_path / "demo_unsafe.parquet")
+    common = ["--input", str(tmp_path / "task.parquet"), "--output", str(tmp_path / "out.parquet"),
+              "--decisions", str(tmp_path / "dec.parquet")]
+    opts = {"unsafe": str(tmp_path / "demo_unsafe.parquet"), "ratio": 0.1, "n": 20}
+    mix.main([*common, "--task_source", "demo_math_train", "--options", json.dumps(opts)])
+    assert sum(read_table(tmp_path / "out.parquet").column("unsafe").to_pylist()) == 2
+    assert "mix: 20 rows, 2 unsafe" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        mix.main([*common, "--task_source", "t", "--options", json.dumps({**opts, "ratio": 0.5})])
+    assert exc.value.code == 2 and "demo_unsafe.parquet: the mix needs 10 unsafe rows" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        random_select.main([*common, "--options", json.dumps({"pp": 0.5})])
+    assert exc.value.code == 2 and "random_select has no option 'pp'" in capsys.readouterr().err
+    random_select.main([*common, "--options", json.dumps({"p": 0.5})])
+    assert read_table(tmp_path / "out.parquet").num_rows == 10

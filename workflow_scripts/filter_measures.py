@@ -6,7 +6,9 @@ precision, recall and F1 of the dropped set against the unsafe rows, and the AUC
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
@@ -91,6 +93,40 @@ def chain_measures(names: list[str], tables: list[str], decisions: list[str]) ->
         steps.append(step_measures(name, read_table(tables[k]), read_table(tables[k + 1]),
                                    pq.read_table(decisions[k]), (tables[k], tables[k + 1], decisions[k])))
     return {"metric": "filter", "steps": steps}
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f}%"
+
+
+def measures_blocks(paths: list[str], column: tuple[str, dict[str, str]] | None = None) -> list[tuple]:
+    """Report blocks (workflow_scripts.report's shape): one table row per experiment, the measures of its chain's
+    last step that dropped rows with the ground truth known; `column` adds (name, {experiment: value})."""
+    body = []
+    for path in paths:
+        exp = Path(path).parent.name
+        try:
+            steps = json.loads(Path(path).read_text())["steps"]
+        except (OSError, json.JSONDecodeError, KeyError) as err:
+            raise DataError(path, None, "steps", f"cannot read filter measures: {err}") from err
+        measured = [s for s in steps if s.get("unsafe_known") and s["rows_dropped"]]
+        if not measured:
+            continue
+        s = measured[-1]
+        auc_ = s.get("score_auc")
+        body.append([exp, *([column[1][exp]] if column else []), s["step"], f"{s['unsafe_in']} / {s['rows_in']}",
+                     str(s["rows_dropped"]), _pct(s.get("precision")), _pct(s.get("recall")), _pct(s.get("f1")),
+                     "n/a" if auc_ is None else f"{auc_:.2f}"])
+    if not body:
+        return []
+    head = ["experiment", *([column[0]] if column else []), "step", "unsafe in / rows in", "dropped", "precision",
+            "recall", "F1", "score AUC"]
+    return [("h2", "Filter measures"),
+            ("p", "The last step of each chain that dropped rows, against the `unsafe` ground truth of the mix: "
+                  "precision and recall of the dropped set as a detector of the unsafe rows, and the AUC of the "
+                  "step's score (oriented so that the end the step drops counts as unsafe; 0.5 is chance). "
+                  "Random selection shows what chance gives."),
+            ("table", head, body)]
 
 
 def main(argv=None) -> None:

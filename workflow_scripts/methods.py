@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import typing
@@ -100,3 +101,22 @@ def options_from_cli(cls, method: str, options_json: str | None, flags: dict):
     if not isinstance(data, dict):
         raise ValueError(f"--options must be a JSON object, got {options_json!r}")
     return parse_options(cls, {**data, **flags}, method)
+
+
+def step_cli(cls, method: str, description: str | None, argv=None, extra=None) -> argparse.Namespace:
+    """The command line every method step shares: --input, --output, --decisions and --options (the step's JSON,
+    parsed into `cls` as `args.options`; a bad option is a usage error naming it). `extra(parser)` adds the
+    method's own flags."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--input", required=True, help="the previous step's table, or the raw training set")
+    p.add_argument("--output", required=True)
+    p.add_argument("--decisions", required=True)
+    p.add_argument("--options", help="the step's options as one JSON object")
+    if extra:
+        extra(p)
+    args = p.parse_args(argv)
+    try:
+        args.options = options_from_cli(cls, method, args.options, {})
+    except ValueError as e:
+        p.error(str(e))
+    return args

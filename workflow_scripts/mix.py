@@ -6,7 +6,6 @@ rows of the unsafe dataset): the ground truth that later filters are measured ag
 
 from __future__ import annotations
 
-import argparse
 import random
 import sys
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from workflow_scripts.io import DataError, decisions_table, read_table, records_to_table, write_table
-from workflow_scripts.methods import options_from_cli
+from workflow_scripts.methods import step_cli
 
 
 @dataclass(frozen=True)
@@ -111,17 +110,9 @@ def prefixed(rows: list[dict], source: str) -> list[dict]:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--input", required=True, help="the task data (the previous step, or the raw training set)")
-    p.add_argument("--task_source", required=True, help="`source` of the task rows: the training set's name")
-    p.add_argument("--output", required=True)
-    p.add_argument("--decisions", required=True)
-    p.add_argument("--options", help="the step's options as one JSON object (unsafe/add: dataset files)")
-    args = p.parse_args(argv)
-    try:
-        opts = options_from_cli(MixOptions, "mix", args.options, {})
-    except ValueError as e:
-        p.error(str(e))
+    args = step_cli(MixOptions, "mix", __doc__, argv, lambda p: p.add_argument(
+        "--task_source", required=True, help="`source` of the task rows: the training set's name"))
+    opts = args.options
     try:
         unsafe = read_table(opts.unsafe) if opts.unsafe else None
         add = read_table(opts.add) if opts.add else None

@@ -3,14 +3,13 @@ filter is compared with: its filter measures show what chance gives."""
 
 from __future__ import annotations
 
-import argparse
 import random
 from dataclasses import dataclass
 
 import pyarrow as pa
 
 from workflow_scripts.io import decisions_table, read_table, write_table
-from workflow_scripts.methods import options_from_cli
+from workflow_scripts.methods import step_cli
 
 
 @dataclass(frozen=True)
@@ -36,16 +35,8 @@ def random_select(table: pa.Table, opts: RandomSelectOptions) -> tuple[pa.Table,
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--input", required=True)
-    p.add_argument("--output", required=True)
-    p.add_argument("--decisions", required=True)
-    p.add_argument("--options", help="the step's options as one JSON object")
-    args = p.parse_args(argv)
-    try:
-        opts = options_from_cli(RandomSelectOptions, "random_select", args.options, {})
-    except ValueError as e:
-        p.error(str(e))
+    args = step_cli(RandomSelectOptions, "random_select", __doc__, argv)
+    opts = args.options
     out, decisions = random_select(read_table(args.input), opts)
     write_table(out, args.output)
     write_table(decisions, args.decisions)
