@@ -35,7 +35,7 @@ from workflow_scripts.io import (
     write_json,
     write_table,
 )
-from workflow_scripts.llm import Endpoint, GenParams, cli_errors, open_backend
+from workflow_scripts.llm import BACKENDS, Endpoint, GenParams, cli_errors, open_backend
 from workflow_scripts.methods import option_type, options_from_cli
 from workflow_scripts.realign_retrieve import clean_snippets, make_retriever
 
@@ -63,7 +63,7 @@ LEAKS = (START.lower(), END.lower(), "(the revised answer)", "revised answer", "
 _STRIP = string.punctuation.replace("_", "") + string.whitespace + "“”‘’«»"
 CODE_FENCE = re.compile(r"```[\s\S]*?```")
 LENGTH_FLOOR = 0.5  # a rewrite this much shorter than the original has dropped content
-BACKENDS, RETRIEVERS = ("hf", "vllm", "openai"), ("none", "bm25", "serper")
+RETRIEVERS = ("none", "bm25", "serper")
 ROLES = ("classifier", "rewriter")
 
 
