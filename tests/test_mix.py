@@ -67,8 +67,11 @@ def test_mix_on_real_unsafe_pairs(shared_data):
     """JailbreakBench's (goal, harmful response) pairs and HH-RLHF's rejected answers as the unsafe side."""
     jbb = data.read_records(shared_data / "jbb_jailbroken_pairs" / "jbb_jailbroken_pairs.jsonl",
                             fields={"prompt": "goal", "response": "response", "category": "category"})
-    hh = data.read_records(shared_data / "hh_rlhf_harmless" / "harmless_test_single_turn_pairs.jsonl",
-                           fields={"id": "idx", "prompt": "prompt", "response": "rejected_response"})
+    # HH-RLHF's own transcripts, the rejected side, through the hh_rlhf preset
+    hh = data.read_records(shared_data / "hh_rlhf_harmless" / "harmless-base_test.jsonl.gz", preset="hh_rlhf",
+                           fields={"messages": "rejected"})
+    assert hh.num_rows == 2312 and all(m[0]["role"] == "user" and m[-1]["role"] == "assistant"
+                                       for m in hh.column("messages").to_pylist())
     for unsafe, name in ((jbb, "jbb_jailbroken_pairs"), (hh, "hh_rlhf_rejected")):
         opts = mix.MixOptions(unsafe=f"data/raw/{name}.parquet", ratio=0.1, n=200, seed=0)
         out, decisions = mix.mix(task_table(200), opts, "demo_math_train", unsafe)
@@ -77,6 +80,16 @@ def test_mix_on_real_unsafe_pairs(shared_data):
         unsafe_ids = {f"{name}/{i}" for i in unsafe.column("id").to_pylist()}
         assert {i for i, u in zip(out.column("id").to_pylist(), labels, strict=True) if u} <= unsafe_ids
         assert decisions.num_rows == 220
+
+
+def test_hh_transcripts_become_chat_turns():
+    text = "\n\nHuman: first question\n\nAssistant: an answer\n\nHuman: and then?\n\nAssistant:"
+    assert data.hh_transcript(text) == [{"role": "user", "content": "first question"},
+                                        {"role": "assistant", "content": "an answer"},
+                                        {"role": "user", "content": "and then?"},
+                                        {"role": "assistant", "content": ""}]
+    with pytest.raises(DataError, match="must start with a Human: turn"):
+        data.hh_transcript("\n\nAssistant: hi\n\nHuman: x", "f.jsonl", 3, "rejected")
 
 
 def test_random_select_keeps_the_top_p_of_seeded_draws_in_order():

@@ -51,6 +51,9 @@ PRESETS: dict[str, dict[str, str]] = {
     "messages": {**_COMMON, "messages": "messages"},
     "question_answer": {**_COMMON, "prompt": "question", "response": "answer"},
     "prompt_response": {**_COMMON, "prompt": "prompt", "response": "response"},
+    # Anthropic HH-RLHF: `chosen`/`rejected` transcripts ("\n\nHuman: ...\n\nAssistant: ..."); the rejected side,
+    # an unsafe source for harmful mixes, is `fields: {messages: rejected}`.
+    "hh_rlhf": {**_COMMON, "messages": "chosen"},
 }
 # prompt_response is the preset for eval sets, which have prompts only.
 RESPONSE_REQUIRED = {"alpaca": True, "question_answer": True, "prompt_response": False}
@@ -339,6 +342,8 @@ class _Mapper:
         value = obj.get(column)
         if value is None:
             raise DataError(self.path, row, column, "missing (required as the conversation)")
+        if isinstance(value, str) and HH_TURN.match(value):
+            return hh_transcript(value, self.path, row, column)
         if isinstance(value, str):  # CSV cells can only hold the conversation as JSON text
             try:
                 value = json.loads(value)
@@ -373,6 +378,24 @@ class _Mapper:
         if not any(t["role"] == "user" for t in messages):
             raise DataError(self.path, row, column, "no user turn")
         return messages
+
+
+HH_TURN = re.compile(r"\s*(Human|Assistant):\s")
+HH_SPLIT = re.compile(r"(?:^|\n\n)(Human|Assistant):[ \t]?")
+
+
+def hh_transcript(text: str, path="<text>", row: int | None = None, column: str | None = None) -> list[dict]:
+    """An HH-RLHF transcript as chat turns: `Human:` turns are the user's, `Assistant:` turns the assistant's,
+    each stripped."""
+    parts = HH_SPLIT.split(text.lstrip("\n"))
+    # parts: ["", speaker, text, speaker, text, ...]
+    messages = [{"role": "user" if who == "Human" else "assistant", "content": said.strip()}
+                for who, said in zip(parts[1::2], parts[2::2], strict=True)]
+    if not messages or messages[0]["role"] != "user":
+        raise DataError(path, row, column, "an HH-RLHF transcript must start with a Human: turn")
+    # Some HH-RLHF turns are empty (the assistant said nothing): kept as they are, since dropping the turn or the
+    # row would change what the data says.
+    return messages
 
 
 def _kind(value: object) -> str:

@@ -116,15 +116,20 @@ class SFT:
         return sum(len(e["input_ids"]) for e in trainer.train_dataset)
 
 
-def weighted_answer_loss(logits, labels, weights):
-    """Each example's cross-entropy summed over its answer tokens / their count, times its weight, averaged over
-    the batch: a weight of 0 removes an example, and with all weights 1 this is the per-example mean loss."""
+def answer_losses(logits, labels):
+    """Each example's cross-entropy summed over its answer tokens / their count (prompt and padding masked)."""
     import torch.nn.functional as F
 
     logits, labels = logits[:, :-1].float(), labels[:, 1:]  # position t predicts token t + 1
     token_loss = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
     answer = labels != IGNORE
-    per_example = (token_loss * answer).sum(1) / answer.sum(1).clamp(min=1)
+    return (token_loss * answer).sum(1) / answer.sum(1).clamp(min=1)
+
+
+def weighted_answer_loss(logits, labels, weights):
+    """answer_losses times each example's weight, averaged over the batch: a weight of 0 removes an example, and
+    with all weights 1 this is the per-example mean loss."""
+    per_example = answer_losses(logits, labels)
     return (per_example * weights.to(per_example.dtype)).mean()
 
 
