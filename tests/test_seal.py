@@ -136,3 +136,12 @@ def test_seal_cli_rejects_a_bad_option(tmp_path, capsys):
         seal.main(["--input", str(tmp_path / "ft.parquet"), "--output", "o", "--decisions", "d", "--selector", "s",
                    "--base", "b", "--options", json.dumps({"safe": "x", "activation": "tanh"})])
     assert exc.value.code == 2 and "'activation' must be one of softmax, sigmoid" in capsys.readouterr().err
+
+
+def test_paper_scale_seal_plans_on_the_gpu_class(tmp_path):
+    out = smk(tmp_path, "-n", "-p", "results/orca_seal_safeinstr/win_rate.json").stdout
+    command = next(line for line in out.splitlines() if "workflow_scripts.seal --input" in line)
+    options = json.loads(command.split("--options '")[1].split("'")[0])
+    assert options["safe"] == "data/raw/hh_rlhf_chosen.parquet" and options["p"] == 0.8
+    assert "models/base/llama3_8b_instruct" in command
+    assert "Open-Orca/SlimOrca" in out and "--baseline_generations generations/orca_sft/" in out
