@@ -6,7 +6,7 @@ import shlex
 from workflow_scripts.llm import ENDPOINT_FIELDS
 from workflow_scripts.methods import llm_options, method_schemas, names_in_steps, step_problem
 from workflow_scripts.objectives import recipe_problems
-from workflow_scripts.sweeps import sweep_points
+from workflow_scripts.sweeps import line_label, sweep_points
 
 DEMO_DATASETS = [n for n, d in config["datasets"].items() if "generator" in d]
 FILE_DATASETS = [n for n, d in config["datasets"].items() if "url" in d or "path" in d or "hub" in d]
@@ -567,7 +567,7 @@ def sweep_baseline(name):
     spec = config["sweeps"][name]
     if "baseline" in spec:
         return spec["baseline"]
-    lines = {" / ".join(str(v) for k, v in coords.items() if k != sweep_x(name)) for _, _, coords in SWEEPS[name]}
+    lines = {line_label(coords, sweep_x(name)) for _, _, coords in SWEEPS[name]}
     return "none" if "none" in lines else None
 
 

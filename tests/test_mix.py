@@ -268,3 +268,17 @@ def test_mix_and_random_select_clis(tmp_path, capsys):
     assert exc.value.code == 2 and "random_select has no option 'pp'" in capsys.readouterr().err
     random_select.main([*common, "--options", json.dumps({"p": 0.5})])
     assert read_table(tmp_path / "out.parquet").num_rows == 10
+
+
+def test_a_sweep_may_name_its_plot_axis_and_baseline_line(tmp_path):
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg["datasets"]["tiny_unsafe"] = {"generator": "unsafe_compliance", "n": 8}
+    cfg["sweeps"] = {"mixes": {
+        "experiment": {"model": "tiny_aligned", "train": "tiny_math_train", "recipe": "tiny",
+                       "methods": [{"method": "mix", "unsafe": "tiny_unsafe", "ratio": "{ratio}", "n": 16}],
+                       "eval": {"safe_rate": "tiny_harmful"}},
+        "axes": {"ratio": [0, 0.25], "chain": {"plain": {}, "random": {"methods": [{"method": "random_select"}]}}},
+        "x": "ratio", "baseline": "plain"}}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    out = smk(tmp_path, "-n", "-p", "results/sweeps/mixes", "--configfile", str(tmp_path / "cfg.yaml")).stdout
+    assert "--x ratio --baseline_line plain" in out

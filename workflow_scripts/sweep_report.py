@@ -25,6 +25,7 @@ from workflow_scripts.report import (
     separated,
     to_markdown,
 )
+from workflow_scripts.sweeps import line_label
 
 
 def sweep_rows(results: list[str], points: dict[str, dict], x_axis: str) -> list[dict]:
@@ -36,7 +37,7 @@ def sweep_rows(results: list[str], points: dict[str, dict], x_axis: str) -> list
         if coords is None:
             raise DataError(path, None, "experiment", "not a point of this sweep")
         r["x"] = coords[x_axis]
-        r["line"] = " / ".join(str(v) for k, v in coords.items() if k != x_axis) or "all"
+        r["line"] = line_label(coords, x_axis)
         rows.append(r)
     return rows
 

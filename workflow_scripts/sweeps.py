@@ -81,6 +81,11 @@ def sweep_points(name: str, spec: dict) -> list[tuple[str, dict, dict]]:
     return points
 
 
+def line_label(coords: dict, x_axis: str) -> str:
+    """A point's line in a sweep's report: its values on every axis but the plotted one."""
+    return " / ".join(str(v) for k, v in coords.items() if k != x_axis) or "all"
+
+
 def expand_sweeps(sweeps: dict, experiments: dict) -> dict[str, dict]:
     """{experiment name: experiment} for every point of every sweep. A name that an experiment or another
     sweep point already has is an error naming both."""
