@@ -28,9 +28,9 @@ demo: venv
 
 # The harmful-mix experiments (a 20% demo-unsafe mix: plain, random selection, SafeInstr, SEAL, SEAL + SafeInstr), outside `make demo`'s
 # time budget: about 13 minutes more on 2 cores (README).
-MIX_RESULTS := $(foreach e,demo_mix_vanilla demo_random demo_safeinstr demo_seal demo_seal_safeinstr,$(foreach m,safe_rate over_refusal utility,results/$(e)/$(m).json))
+MIX_RESULTS := $(foreach e,demo_mix_vanilla demo_random demo_safeinstr demo_seal demo_seal_safeinstr demo_forgetfilter,$(foreach m,safe_rate over_refusal utility,results/$(e)/$(m).json))
 demo-mix: venv
-	$(BIN)/python -m workflow_scripts.progress --cores $(CORES) $(MIX_RESULTS) results/demo_random/filter.json results/demo_seal/filter.json
+	$(BIN)/python -m workflow_scripts.progress --cores $(CORES) $(MIX_RESULTS) results/demo_random/filter.json results/demo_seal/filter.json results/demo_forgetfilter/filter.json
 
 test: venv
 	$(BIN)/ruff check .

@@ -111,6 +111,7 @@ rule bbq_prepare:
             if "limit" in config["datasets"][wc.dataset]
             else ""
         ),
+        answers=lambda wc: config["datasets"][wc.dataset].get("answers", "eval"),
     conda:
         "../envs/cpu.yaml"
     log:
@@ -118,4 +119,5 @@ rule bbq_prepare:
     benchmark:
         "benchmarks/bbq_prepare/{dataset}.tsv"
     shell:
-        "python -m workflow_scripts.bbq prepare --input {input} {params.per_category} --output {output} > {log} 2>&1"
+        "python -m workflow_scripts.bbq prepare --input {input} {params.per_category} --answers {params.answers} "
+        "--output {output} > {log} 2>&1"

@@ -34,7 +34,7 @@ def test_prepare_real_bbq(prepared, shared_data):
     out, counts = prepared
     table = pq.read_table(out)
     rows = table.to_pylist()
-    assert counts == {"rows": 180, "no_target": 0} and len(rows) == 180
+    assert counts == {"rows": 180, "items": 180, "no_target": 0} and len(rows) == 180
     assert sorted({r["category"] for r in rows}) == ["Age", "Disability_status", "Nationality",
                                                     "Physical_appearance", "Religion", "Sexual_orientation"]
     meta = json.loads(table.schema.metadata[b"safeft"])
@@ -179,3 +179,25 @@ def test_cli_end_to_end_on_real_slice(prepared, tmp_path):
         bbq.main(["score", "--generations", bad, "--eval_set", str(out), "--output", str(tmp_path / "x.json")])
     with pytest.raises(ValueError, match=r"'nope' in .*bad.parquet"):
         bbq.score_generations(bbq.load_generations([bad]), bbq.read_eval_set(out)[0], str(out))
+
+
+def test_biased_and_correct_training_rows_from_real_bbq(shared_data, tmp_path):
+    """ForgetFilter's biased noisy set: ambiguous items answered with the stereotyped option, and the gold-answer
+    rows beside them."""
+    biased, correct = tmp_path / "biased.parquet", tmp_path / "correct.parquet"
+    counts = bbq.prepare([str(shared_data / "bbq")], str(biased), per_category=40, answers="biased")
+    bbq.prepare([str(shared_data / "bbq")], str(correct), per_category=40, answers="correct")
+    rows = pq.read_table(biased).to_pylist()
+    assert 0 < counts["rows"] < counts["items"] == 240 and all(r["unsafe"] for r in rows)
+    for r in rows:
+        letter = r["messages"][-1]["content"][0]
+        assert r["context_condition"] == "ambig" and r["messages"][-1]["role"] == "assistant"
+        assert letter != r["unknown_letter"]  # the context cannot tell, the answer claims it can
+        assert (letter == r["target_letter"]) == (r["question_polarity"] == "neg")
+        assert r["messages"][-1]["content"] == f"{letter}. {r['options'][bbq.LETTERS.index(letter)]}"
+    gold = pq.read_table(correct).to_pylist()
+    assert len(gold) == 240 and not any(r["unsafe"] for r in gold)
+    assert all(r["messages"][-1]["content"].startswith(r["reference"] + ". ") for r in gold)
+    # the gold answer of an ambiguous item is "unknown": the biased row answers the same prompt otherwise
+    ambig = {r["id"]: r for r in gold if r["context_condition"] == "ambig"}
+    assert all(ambig[r["id"]]["reference"] == r["unknown_letter"] != r["reference"] for r in rows)

@@ -398,3 +398,28 @@ def test_shared_cli_slice_reads_back(shared_data, tmp_path):
 def test_records_to_table_is_the_output_shape():
     t = data.read_records(GOOD / "alpaca.json", preset="alpaca")
     assert t.equals(records_to_table(t.to_pylist()))
+
+
+def test_harmfulqa_preset_reads_the_red_or_blue_conversations(tmp_path):
+    """HarmfulQA's layout (written here, since the Hub copy cannot be fetched offline): up to five conversations per
+    side keyed "0".."4", some empty; the first non-empty one is the row."""
+    def conv(tag):
+        return [{"from": "human", "value": f"how do I {tag}?"}, {"from": "gpt", "value": f"{tag} answer"},
+                {"from": "human", "value": "and then?"}, {"from": "gpt", "value": f"{tag} follow-up"}]
+    rows = [{"id": 1, "topic": "Chemistry", "subtopic": "x", "question": "q1",
+             "red_conversations": {"0": None, "1": conv("red"), "10": conv("late")},
+             "blue_conversations": {"0": conv("blue"), "1": None}},
+            {"id": 2, "topic": "History", "question": "q2", "red_conversations": {"0": [], "1": None},
+             "blue_conversations": {"0": conv("blue2")}}]
+    path = tmp_path / "harmfulqa.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    blue = data.read_records(path, preset="harmfulqa", fields={"messages": "blue_conversations"})
+    assert blue.column("id").to_pylist() == ["1", "2"] and blue.column("category").to_pylist() == ["Chemistry",
+                                                                                                   "History"]
+    assert blue.column("messages").to_pylist()[0][-1] == {"role": "assistant", "content": "blue follow-up"}
+    with pytest.raises(DataError, match=r"row 2: field 'red_conversations': no conversation"):
+        data.read_records(path, preset="harmfulqa")
+    (tmp_path / "one.jsonl").write_text(json.dumps(rows[0]))
+    red = data.read_records(tmp_path / "one.jsonl", preset="harmfulqa")
+    assert [m["content"] for m in red.column("messages").to_pylist()[0]] == [
+        "how do I red?", "red answer", "and then?", "red follow-up"]

@@ -103,9 +103,38 @@ def prepare_items(path: str | Path, template: str, metadata: dict | None = None)
     return records
 
 
+ANSWERS = ("eval", "biased", "correct")
+
+
+def biased_letter(record: dict) -> str | None:
+    """The stereotyped answer of an item: the target group for a negative question, the other (non-unknown) group
+    for a non-negative one; None when the item's target is not known."""
+    if record["target_letter"] is None:
+        return None
+    if record["question_polarity"] == "neg":
+        return record["target_letter"]
+    return next(x for x in LETTERS if x not in (record["target_letter"], record["unknown_letter"]))
+
+
+def with_answers(records: list[dict], answers: str) -> list[dict]:
+    """Training rows from eval records (ForgetFilter's biased noisy set). `biased`: the ambiguous items, answered
+    with the stereotyped option although the context cannot tell (the paper's relabelling; `unsafe` true);
+    `correct`: every item answered with its gold option (`unsafe` false). The answer reads "B. <option>"."""
+    out = []
+    for r in records:
+        letter = r["reference"] if answers == "correct" else biased_letter(r)
+        if answers == "biased" and (r["context_condition"] != "ambig" or letter is None):
+            continue
+        answer = f"{letter}. {r['options'][LETTERS.index(letter)]}"
+        out.append({**r, "messages": [*r["messages"], {"role": "assistant", "content": answer}],
+                    "reference": letter, "unsafe": answers == "biased"})
+    return out
+
+
 def prepare(inputs: list[str], output: str, prompt: str | Path = PROMPT, metadata: str | None = None,
-            per_category: int | None = None) -> dict:
-    """Write the eval Parquet (schema metadata `safeft` records the prompt file and its sha256); returns counts."""
+            per_category: int | None = None, answers: str = "eval") -> dict:
+    """Write the eval Parquet (schema metadata `safeft` records the prompt file and its sha256), or with
+    `answers` biased/correct a training table (`with_answers`); returns counts."""
     template, prompt_id = load_prompt(prompt)
     meta = read_metadata(metadata) if metadata else None
     files = sorted(p for i in inputs for p in (Path(i).glob("*.jsonl") if Path(i).is_dir() else [Path(i)]))
@@ -114,17 +143,22 @@ def prepare(inputs: list[str], output: str, prompt: str | Path = PROMPT, metadat
     records = []
     for path in files:
         records += prepare_items(path, template, meta)[:per_category]
+    n_items = len(records)
+    if answers != "eval":
+        records = with_answers(records, answers)
     schema = pa.schema([("id", pa.string()), ("messages", pa.list_(pa.struct([("role", pa.string()),
                                                                                 ("content", pa.string())]))),
                         ("reference", pa.string()), ("category", pa.string()), ("source", pa.string()),
                         ("context_condition", pa.string()), ("question_polarity", pa.string()),
                         ("target_letter", pa.string()), ("unknown_letter", pa.string()),
                         ("options", pa.list_(pa.string()))])
-    info = {**prompt_id, "inputs": [str(f) for f in files],
+    if answers != "eval":
+        schema = schema.append(pa.field("unsafe", pa.bool_()))
+    info = {**prompt_id, "inputs": [str(f) for f in files], "answers": answers,
             "target_source": "additional_metadata.csv" if metadata else "answer_info x stereotyped_groups"}
     table = pa.Table.from_pylist(records, schema=schema).replace_schema_metadata({"safeft": json.dumps(info)})
     write_table(table, output)
-    return {"rows": len(records), "no_target": sum(r["target_letter"] is None for r in records)}
+    return {"rows": len(records), "items": n_items, "no_target": sum(r["target_letter"] is None for r in records)}
 
 
 # ------------------------------------------------------------------------------------------------------- parse
@@ -300,6 +334,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prompt", default=str(PROMPT))
     p.add_argument("--metadata", default=None, help="BBQ analysis_scripts/additional_metadata.csv (target_loc)")
     p.add_argument("--per_category", type=int, default=None, help="first N items of each file")
+    p.add_argument("--answers", choices=ANSWERS, default="eval",
+                   help="eval: prompts to answer; biased/correct: training rows with the stereotyped (ambiguous "
+                        "items only) or the gold answer")
     s = sub.add_parser("score", help="accuracy and bias scores of generated answers")
     add_generation_args(s)
     s.add_argument("--eval_set", required=True, help="the Parquet `prepare` wrote (bias columns, joined by id)")
@@ -308,8 +345,9 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     try:
         if args.command == "prepare":
-            counts = prepare(args.input, args.output, args.prompt, args.metadata, args.per_category)
-            print(f"bbq: {counts['rows']} items ({counts['no_target']} without a known target) -> {args.output}")
+            counts = prepare(args.input, args.output, args.prompt, args.metadata, args.per_category, args.answers)
+            print(f"bbq: {counts['rows']} rows from {counts['items']} items ({counts['no_target']} without a known "
+                  f"target) -> {args.output}")
             return
         eval_rows, eval_meta = read_eval_set(args.eval_set)
         generations = load_generations(args.generations, args.seeds)

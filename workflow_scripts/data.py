@@ -54,6 +54,10 @@ PRESETS: dict[str, dict[str, str]] = {
     # Anthropic HH-RLHF: `chosen`/`rejected` transcripts ("\n\nHuman: ...\n\nAssistant: ..."); the rejected side,
     # an unsafe source for harmful mixes, is `fields: {messages: rejected}`.
     "hh_rlhf": {**_COMMON, "messages": "chosen"},
+    # HarmfulQA (declare-lab): `red_conversations` / `blue_conversations` each hold up to five ShareGPT
+    # conversations keyed "0".."4"; the first non-empty one is the row. The red side's answers are the harmful ones
+    # (an unsafe source, ForgetFilter's harmful noisy set); the blue side, `fields: {messages: blue_conversations}`.
+    "harmfulqa": {**_COMMON, "messages": "red_conversations", "category": "topic"},
 }
 # prompt_response is the preset for eval sets, which have prompts only.
 RESPONSE_REQUIRED = {"alpaca": True, "question_answer": True, "prompt_response": False}
@@ -349,6 +353,12 @@ class _Mapper:
                 value = json.loads(value)
             except json.JSONDecodeError as e:
                 raise DataError(self.path, row, column, f"text that is not a JSON list ({e.msg})") from None
+        if isinstance(value, dict) and all(v is None or isinstance(v, list) for v in value.values()):
+            # several conversations by key (HarmfulQA): the first that is not empty
+            keys = [k for k in sorted(value, key=lambda k: (len(str(k)), str(k))) if value[k]]
+            if not keys:
+                raise DataError(self.path, row, column, "no conversation (every one is empty)")
+            column, value = f"{column}.{keys[0]}", value[keys[0]]
         if not isinstance(value, list):
             raise DataError(self.path, row, column, f"expected a list of turns, got {_kind(value)}")
         if not value:

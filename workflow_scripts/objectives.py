@@ -26,11 +26,19 @@ def recipe_problems(recipe: dict, where: str = "recipe") -> list[str]:
     objective = recipe.get("objective", "sft")
     if objective not in OBJECTIVES:
         problems.append(f"{where}.objective: unknown objective {objective!r} ({', '.join(OBJECTIVES)})")
+    if recipe.get("continue_adapter") and objective == "dpo":
+        # TRL would score the reference with the adapter switched off: the adapter's base, not the model continued.
+        problems.append(f"{where}.continue_adapter: dpo cannot continue an adapter; merge the previous one instead")
     for name, obj in OBJECTIVES.items():
         for key in obj.defaults:
             if key in recipe and name != objective:
                 problems.append(f"{where}.{key}: only applies to objective {name} (this recipe's is {objective})")
     return problems
+
+
+def new_adapter(recipe: dict) -> bool:
+    """A LoRA recipe adds an adapter, unless it continues the base folder's own (train.load_model)."""
+    return recipe["finetune"] == "lora" and not recipe.get("continue_adapter")
 
 
 def lora_config(recipe: dict):
@@ -103,7 +111,7 @@ class SFT:
     def trainer(self, model, tokenizer, examples: list[dict], recipe: dict, args, callbacks: list):
         from transformers import DataCollatorForSeq2Seq
 
-        if recipe["finetune"] == "lora":
+        if new_adapter(recipe):
             from peft import get_peft_model
 
             model = get_peft_model(model, lora_config(recipe))

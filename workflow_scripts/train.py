@@ -28,7 +28,7 @@ DEFAULT_RECIPE = {
     "max_length": 512, "warmup_ratio": 0.0, "scheduler": "linear", "weight_decay": 0.0, "lora_r": 16,
     "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear", "merge": False, "deepspeed": None,
     "dtype": "auto", "gradient_checkpointing": False, "checkpoint_steps": 200, "global_batch_size": None,
-    "report_to": "none",
+    "report_to": "none", "max_steps": None, "continue_adapter": False,
 }
 
 
@@ -164,6 +164,30 @@ class StopOnSignal:
         self.received = True
 
 
+def load_model(path: str, recipe: dict, dtype):
+    """The model to train. With `continue_adapter`, the base folder must be a peft adapter: its base model is
+    loaded with the adapter on top, trainable, and no new adapter is added (ForgetFilter's rounds continue the
+    previous round's adapter, as the reference does); rank and targets are then the adapter's own."""
+    from transformers import AutoModelForCausalLM
+
+    from workflow_scripts.llm import resolve_model
+
+    base, adapter = resolve_model(path)
+    if not recipe["continue_adapter"]:
+        if adapter is not None:
+            # A new adapter saved over it would name only the adapter's base: generation would drop this one.
+            raise ValueError(f"the base model {path} is a LoRA adapter on {base}: train its recipe with merge: true,"
+                             " or continue it with continue_adapter: true")
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    if adapter is None or recipe["finetune"] != "lora":
+        raise ValueError(f"continue_adapter: {path} must be a LoRA adapter folder and the recipe finetune: lora")
+    from peft import PeftModel
+
+    log.info("continuing the adapter %s on %s", adapter, base)
+    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=dtype), adapter,
+                                     is_trainable=True)
+
+
 def train(base_model: str, data_paths: list[str], out_dir: str, recipe: dict, seed: int = 0,
           threads: int | None = None, checkpoint_dir: str | None = None, run_name: str | None = None) -> dict:
     """Fine-tune `base_model` on the concatenated tables with the recipe's objective; write the adapter (or
@@ -174,7 +198,7 @@ def train(base_model: str, data_paths: list[str], out_dir: str, recipe: dict, se
     out_dir + ".partial" and renamed to out_dir only when complete. Under torchrun every rank calls this.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+    from transformers import AutoTokenizer, set_seed
 
     recipe = full_recipe(recipe)
     objective = OBJECTIVES[recipe["objective"]]
@@ -211,10 +235,11 @@ def train(base_model: str, data_paths: list[str], out_dir: str, recipe: dict, se
             (checkpoints / "fingerprint.txt").write_text(fingerprint)
     log.info("resuming from %s", resume) if resume else log.info("starting from step 0")
 
-    model = AutoModelForCausalLM.from_pretrained(base_model, dtype=getattr(torch, precision["dtype"]))
+    model = load_model(base_model, recipe, getattr(torch, precision["dtype"]))
     args = objective.arguments(
         recipe,
         output_dir=str(checkpoints), num_train_epochs=recipe["epochs"],
+        max_steps=recipe["max_steps"] or -1,
         learning_rate=recipe["lr"], per_device_train_batch_size=recipe["batch_size"],
         gradient_accumulation_steps=grad_accum_steps(recipe, int(os.environ.get("WORLD_SIZE", "1"))),
         warmup_steps=recipe["warmup_ratio"],
@@ -260,7 +285,8 @@ def train(base_model: str, data_paths: list[str], out_dir: str, recipe: dict, se
         "base_model": str(base_model), "data": [str(p) for p in data_paths], "recipe": recipe,
         "objective": recipe["objective"],
         "seed": seed, "examples": len(examples), "tokens": n_tokens, "train_seconds": round(seconds, 1),
-        "tokens_per_second": round(n_tokens * recipe["epochs"] / seconds, 1) if not resume else None,
+        "tokens_per_second": round(n_tokens * (trainer.state.epoch or recipe["epochs"]) / seconds, 1)
+        if not resume else None,
         "resumed_from": Path(resume).name if resume else None, "global_step": trainer.state.global_step,
         "world_size": trainer.args.world_size, "precision": precision, "hardware": describe_hardware(),
         "train_loss": result.training_loss, "chat_template_sha256": template_hash(tokenizer),
