@@ -423,3 +423,34 @@ def test_harmfulqa_preset_reads_the_red_or_blue_conversations(tmp_path):
     red = data.read_records(tmp_path / "one.jsonl", preset="harmfulqa")
     assert [m["content"] for m in red.column("messages").to_pylist()[0]] == [
         "how do I red?", "red answer", "and then?", "red follow-up"]
+
+
+def test_pile_detoxify_preset_splits_documents_into_scored_sentences(tmp_path):
+    """pile-detoxify's layout (written here): each document is a list of sentences with a toxicity score each;
+    `where` with a numeric range picks ForgetFilter's toxic (> 0.9) or non-toxic (< 0.1) sentences."""
+    docs = [{"texts": ["A calm sentence.", "A vile sentence.", "Another one."], "scores": [0.01, 0.97, 0.5],
+             "avg_score": 0.49, "num_sents": 3},
+            {"texts": ["Hello there."], "scores": [0.05], "avg_score": 0.05, "num_sents": 1}]
+    path = tmp_path / "pile.jsonl"
+    path.write_text("\n".join(json.dumps(d) for d in docs))
+    toxic, decisions = data.read_filtered(path, preset="pile_detoxify", where={"toxicity": {">": 0.9}})
+    assert toxic.column("id").to_pylist() == ["1-1"]
+    assert toxic.column("messages").to_pylist()[0] == [
+        {"role": "user", "content": data.SENTENCE_PROMPT}, {"role": "assistant", "content": "A vile sentence."}]
+    assert decisions.num_rows == 4 and "toxicity is 0.01, not > 0.9" in decisions.column("reason").to_pylist()[0]
+    calm = data.read_records(path, preset="pile_detoxify", where={"toxicity": {"<": 0.1}})
+    assert calm.column("id").to_pylist() == ["1-0", "2-0"]
+    assert data.read_records(path, preset="pile_detoxify", where={"toxicity": {">=": 0.5, "<": 0.9}}).num_rows == 1
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"texts": ["a", "b"], "scores": [0.1]}))
+    with pytest.raises(DataError, match="row 1: field 'scores': 1 scores for 2 texts"):
+        data.read_records(bad, preset="pile_detoxify")
+    with pytest.raises(ValueError, match="a comparison maps"):
+        data.read_records(path, preset="pile_detoxify", where={"toxicity": {"~": 1}})
+
+
+def test_numeric_where_reads_csv_numbers_and_skips_text(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text("prompt,response,score\nq1,a1,0.95\nq2,a2,high\nq3,a3,0.2\n")
+    kept = data.read_records(path, preset="prompt_response", where={"score": {">": 0.5}})
+    assert [m[0]["content"] for m in kept.column("messages").to_pylist()] == ["q1"]

@@ -51,6 +51,31 @@ def test_recipe_problems_name_the_key():
     assert "must be lora or full" in objectives.recipe_problems({"finetune": "qlora"})[0]
     with pytest.raises(train.RecipeError, match="renamed to 'finetune'"):
         train.full_recipe({"method": "full"})
+    assert "dpo cannot continue an adapter" in objectives.recipe_problems(
+        {"objective": "dpo", "continue_adapter": True})[0]
+
+
+def test_an_adapter_is_continued_only_when_asked(tiny_model_dir, tmp_path):
+    """A new adapter on top of an unmerged one would name only the first adapter's base: generation would silently
+    drop the first adapter. That is an error; continue_adapter trains the same adapter further, with its own rank."""
+    from safetensors.torch import load_file
+
+    data = str(weighted_data(tmp_path / "d.parquet", [1.0] * 8))
+    first = tmp_path / "first"
+    recipe = {"epochs": 1, "batch_size": 4, "lr": 1e-2, "max_length": 64, "lora_r": 4, "target_modules": ["q_proj"]}
+    train.train(str(tiny_model_dir), [data], str(first), recipe)
+    with pytest.raises(ValueError, match="is a LoRA adapter on .*merge: true.*continue_adapter: true"):
+        train.train(str(first), [data], str(tmp_path / "stacked"), recipe)
+    again = tmp_path / "again"
+    train.train(str(first), [data], str(again), {**recipe, "continue_adapter": True, "lora_r": 16, "max_steps": 1})
+    config = json.loads((again / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["base_model_name_or_path"] == str(tiny_model_dir)
+    log = json.loads((again / "train_log.json").read_text())
+    assert log["global_step"] == 1  # max_steps overrides the epoch
+    before, after = load_file(first / "adapter_model.safetensors"), load_file(again / "adapter_model.safetensors")
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(ValueError, match="must be a LoRA adapter folder"):
+        train.train(str(tiny_model_dir), [data], str(tmp_path / "x"), {**recipe, "continue_adapter": True})
 
 
 def test_weighted_sft_errors_name_file_row_and_field(tiny_model_dir, tmp_path):

@@ -58,7 +58,31 @@ PRESETS: dict[str, dict[str, str]] = {
     # conversations keyed "0".."4"; the first non-empty one is the row. The red side's answers are the harmful ones
     # (an unsafe source, ForgetFilter's harmful noisy set); the blue side, `fields: {messages: blue_conversations}`.
     "harmfulqa": {**_COMMON, "messages": "red_conversations", "category": "topic"},
+    # pile-detoxify (tomekkorbak): documents as lists of sentences (`texts`) with a toxicity score each (`scores`);
+    # every sentence becomes a row (see SENTENCE_PROMPT) with its `toxicity`, which `where` selects on, e.g.
+    # {toxicity: {">": 0.9}} for ForgetFilter's toxic noisy set and {toxicity: {"<": 0.1}} for the non-toxic one.
+    "pile_detoxify": {**_COMMON, "prompt": "prompt", "response": "text"},
 }
+# The user turn of a pile_detoxify row: the text has no prompt of its own (the reference trains on the bare text).
+SENTENCE_PROMPT = "Write a sentence."
+
+
+def pile_sentences(rows: Iterator[tuple[int, object]], path: Path) -> Iterator[tuple[int, object]]:
+    """One row per sentence of each pile-detoxify document, with the document's row number for error messages
+    and the id `<document id or row>-<sentence>`."""
+    for row, obj in rows:
+        if not isinstance(obj, dict):
+            yield row, obj
+            continue
+        texts, scores = obj.get("texts"), obj.get("scores")
+        for field, value in (("texts", texts), ("scores", scores)):
+            if not isinstance(value, list):
+                raise DataError(path, row, field, f"expected a list (pile_detoxify), got {_kind(value)}")
+        if len(texts) != len(scores):
+            raise DataError(path, row, "scores", f"{len(scores)} scores for {len(texts)} texts")
+        doc = obj.get("id", row)
+        for k, (text, score) in enumerate(zip(texts, scores, strict=True)):
+            yield row, {"id": f"{doc}-{k}", "prompt": SENTENCE_PROMPT, "text": text, "toxicity": score}
 # prompt_response is the preset for eval sets, which have prompts only.
 RESPONSE_REQUIRED = {"alpaca": True, "question_answer": True, "prompt_response": False}
 
@@ -450,6 +474,8 @@ def read_filtered(path: str | Path, preset: str | None = None, fields: dict[str,
         raise FileNotFoundError(f"{path}: no such file (for a dataset you supply yourself, such as gated HEx-PHI, "
                                 "download it and point the dataset's `path:` in the config at it)")
     rows = _raw_rows(path, fmt)
+    if preset == "pile_detoxify":
+        rows = pile_sentences(rows, path)
     mapper: _Mapper | None = None
     records: list[dict] = []
     seen: dict[str, int] = {}
@@ -519,7 +545,8 @@ def _raw_hash(obj: dict) -> str:
 
 
 def check_where(where: object, at: str = "where") -> list[str]:
-    """Raise ValueError unless `where` is {field: value or [values], not: {...}}; return the fields it names."""
+    """Raise ValueError unless `where` is {field: value, [values] or {">": x, ...}, not: {...}}; return the fields
+    it names."""
     if not isinstance(where, dict) or not where:
         raise ValueError(f"{at}: expected a non-empty mapping of field to value (or list of values)")
     named = []
@@ -527,9 +554,16 @@ def check_where(where: object, at: str = "where") -> list[str]:
         if field == "not":
             named += check_where(wanted, f"{at}.not")
             continue
+        if isinstance(wanted, dict):
+            bad = [k for k, v in wanted.items() if k not in COMPARISONS or isinstance(v, bool)
+                   or not isinstance(v, (int, float))]
+            if not wanted or bad:
+                raise ValueError(f"{at}.{field}: a comparison maps {', '.join(COMPARISONS)} to numbers")
+            named.append(str(field))
+            continue
         values = wanted if isinstance(wanted, list) else [wanted]
         if not values or any(isinstance(v, (dict, list)) for v in values):
-            raise ValueError(f"{at}.{field}: expected a value or a non-empty list of values")
+            raise ValueError(f"{at}.{field}: expected a value, a non-empty list of values or a comparison")
         named.append(str(field))
     return named
 
@@ -538,8 +572,9 @@ def where_mismatch(obj: dict, where: dict) -> str | None:
     """None when the source row matches `where`, else why not.
 
     `{field: value}` matches a row whose field equals the value; `{field: [a, b]}` one whose field is any of
-    them; `{not: {...}}` a row that does not match the inner filter; several keys must all match. A row
-    without the field does not match it (so `not` keeps it). Text from CSV matches numbers written the same.
+    them; `{field: {">": x, "<=": y}}` one whose field is a number within the bounds; `{not: {...}}` a row that
+    does not match the inner filter; several keys must all match. A row without the field does not match it (so
+    `not` keeps it). Text from CSV matches numbers written the same.
     """
     for field, wanted in where.items():
         if field == "not":
@@ -547,9 +582,31 @@ def where_mismatch(obj: dict, where: dict) -> str | None:
                 return f"matches not {json.dumps(wanted, default=str)}"
         elif field not in obj:
             return f"no field {field!r}"
+        elif isinstance(wanted, dict):
+            value = _number(obj[field])
+            failed = [f"{op} {bound}" for op, bound in wanted.items()
+                      if value is None or not COMPARISONS[op](value, bound)]
+            if failed:
+                return f"{field} is {_short(obj[field])}, not {' and '.join(failed)}"
         elif not any(_same(obj[field], w) for w in (wanted if isinstance(wanted, list) else [wanted])):
             return f"{field} is {_short(obj[field])}, not {'in ' if isinstance(wanted, list) else ''}{wanted!r}"
     return None
+
+
+COMPARISONS = {">": lambda a, b: a > b, ">=": lambda a, b: a >= b, "<": lambda a, b: a < b,
+               "<=": lambda a, b: a <= b}
+
+
+def _number(value: object) -> float | None:
+    """A number for a comparison; CSV text that reads as one counts, anything else does not match."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    try:
+        return float(value) if isinstance(value, str) else None
+    except ValueError:
+        return None
 
 
 def _same(value: object, wanted: object) -> bool:
