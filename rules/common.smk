@@ -432,7 +432,11 @@ def judge_args(wildcards):
     args = [endpoint_args(llm_endpoint(spec["judge"])), "--cache cache/judge/{exp}/{metric}.sqlite".format(**wildcards)]
     if spec["metric"] == "win_rate":
         args.append("--baseline_generations " + " ".join(judge_inputs(wildcards)["baseline"]))
-    requests = {k: v for k, v in LLMS[spec["judge"]].items() if k in ("max_new_tokens", "batch_size", "temperature")}
+    requests = {
+        k: v
+        for k, v in LLMS[spec["judge"]].items()
+        if k in ("max_new_tokens", "batch_size", "temperature", "answer")
+    }
     for key, value in {**requests, **{k: spec[k] for k in ("prompt", "limit") if k in spec}}.items():
         args.append(f"--{key} {shlex.quote(str(value))}")
     return " ".join(args)

@@ -163,3 +163,30 @@ def test_hf_judge_end_to_end(tiny_model_dir, tmp_path):
     assert result["n_unparsed"] == 2 and result["n"] == 0 and result["n_retried"] == 2
     assert all(e["attempts"] == judge.MAX_RETRIES + 1 and e["detail"] is not None for e in examples)
     assert result["agreement_with_keyword"]["n"] == 0
+    assert result["answer_mode"] == "generate"
+
+
+def test_choice_answers_every_item_on_a_local_judge(tiny_model_dir, tmp_path):
+    """`answer: choice` (issue 16): the same tiny judge that never writes a score line now gives every item one,
+    the line it finds most likely, with the distribution over the five recorded per example."""
+    gens = judge.load_generations([gen_file(tmp_path / "g.parquet", ["Sure, here is", "I cannot", "ok"])])
+    backend = make_backend(Endpoint("hf", str(tiny_model_dir)), threads=1)
+    template = judge.load_prompt(judge.HARMFULNESS_PROMPT)[0]
+    result, examples = judge.judge_harmfulness(gens, backend, GenParams(max_new_tokens=4), template, "choice")
+    assert result["answer_mode"] == "choice" and result["n_unparsed"] == 0 and result["n"] == 3
+    for e in examples:
+        dist = json.loads(e["choice_distribution"])
+        assert list(dist) == [f"#thescore: {k}" for k in range(1, 6)] and sum(dist.values()) == pytest.approx(1)
+        assert e["detail"] == max(dist, key=dist.get) and e["score"] == int(e["detail"][-1])
+    template = judge.load_prompt(judge.PAIRWISE_PROMPT)[0]
+    base = judge.load_generations([gen_file(tmp_path / "b.parquet", ["x", "y", "z"])])
+    result, examples = judge.judge_winrate(gens, base, backend, GenParams(max_new_tokens=4), template, "choice")
+    assert result["answer_mode"] == "choice" and result["n_unparsed"] == 0
+
+
+def test_choice_on_an_api_judge_falls_back_to_generate(server, tmp_path):
+    gens = judge.load_generations([gen_file(tmp_path / "g.parquet", ["Sure, here is", "I cannot"])])
+    backend = make_backend(Endpoint("openai", "judge-model", base_url=server.url), threads=1)
+    template = judge.load_prompt(judge.HARMFULNESS_PROMPT)[0]
+    result, _ = judge.judge_harmfulness(gens, backend, GenParams(max_new_tokens=32), template, "choice")
+    assert result["answer_mode"] == "generate (the openai backend has no choice)" and result["n_unparsed"] == 0

@@ -112,3 +112,34 @@ def test_generation_and_judges_take_their_settings_from_the_registry(tmp_path):
     for flag in ("--backend hf ", "--model models/base/tiny ", "--base_url http://127.0.0.1:9/v1 "):
         assert flag in judge
     assert "--max_new_tokens 4" in judge and "--prompt prompts/judge_harmfulness_brief_v1.txt" in judge
+
+
+def test_choice_by_option_log_likelihood_matches_a_hand_computation(tiny_model_dir):
+    """Constrained choice (issue 16): each option's log-likelihood after the rendered prompt, from one cached
+    prompt pass, equals a plain forward pass over prompt + option; length-normalised when lengths differ."""
+    import torch
+
+    backend = llm.HFBackend(str(tiny_model_dir), threads=1)
+    prompts = [[{"role": "user", "content": "Rate this answer from 1 to 5."}],
+               [{"role": "user", "content": "Which task is this: math or coding?"}]]
+
+    def by_hand(prompt, option):
+        text = backend.render([prompt])[0]
+        p_ids = backend.tokenizer(text, add_special_tokens=False)["input_ids"]
+        c_ids = backend.option_ids(p_ids, text, option)
+        with torch.no_grad():
+            logits = backend.model(input_ids=torch.tensor([p_ids + c_ids])).logits[0].float().log_softmax(-1)
+        return sum(float(logits[len(p_ids) - 1 + k, t]) for k, t in enumerate(c_ids)), len(c_ids)
+
+    same = ["#thescore: 1", "#thescore: 2", "#thescore: 3"]
+    got = backend.choose(prompts[:1], same)[0]
+    want = [by_hand(prompts[0], o) for o in same]
+    assert {n for _, n in want} and not got["normalised"]
+    assert got["scores"] == pytest.approx([s for s, _ in want], abs=1e-4)
+    assert got["choice"] == same[max(range(3), key=lambda i: want[i][0])]
+    assert sum(got["distribution"].values()) == pytest.approx(1.0)
+    mixed = ["math", "computer programming and coding"]
+    got = backend.choose(prompts[1:], mixed)[0]
+    want = [by_hand(prompts[1], o) for o in mixed]
+    assert got["normalised"] and len({n for _, n in want}) == 2
+    assert got["scores"] == pytest.approx([s / n for s, n in want], abs=1e-4)

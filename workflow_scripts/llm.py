@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import random
 import sys
@@ -149,6 +150,30 @@ def resolve_model(path: str) -> tuple[str, str | None]:
     return path, None
 
 
+def continuation_ids(tokenizer, prompt_ids: list[int], prompt_text: str, option: str) -> list[int]:
+    """An option's tokens as they continue the rendered prompt (tokenised together, then split, so a merge across
+    the boundary is seen; separately where the joint tokens do not extend the prompt's)."""
+    joint = tokenizer(prompt_text + option, add_special_tokens=False)["input_ids"]
+    ids = joint[len(prompt_ids):] if joint[:len(prompt_ids)] == prompt_ids else \
+        tokenizer(option, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"option {option!r} has no tokens")
+    return ids
+
+
+def choice_result(options: list[str], logprobs: list[float], lengths: list[int]) -> dict:
+    """One constrained choice from each option's summed log-probability and token count: the scores are the sums,
+    or the per-token means where the options differ in length; the distribution is their softmax."""
+    normalised = len(set(lengths)) > 1
+    scores = [lp / n for lp, n in zip(logprobs, lengths, strict=True)] if normalised else list(logprobs)
+    top = max(scores)
+    weights = [math.exp(x - top) for x in scores]
+    total = sum(weights)
+    best = scores.index(top)
+    return {"choice": options[best], "scores": scores,
+            "distribution": {o: w / total for o, w in zip(options, weights, strict=True)}, "normalised": normalised}
+
+
 class HFBackend:
     """Batched transformers generation: prompts sorted by length (longest first), decode batches sized from the work
     and the free memory, prompt processing in length-sorted chunks with a shared prompt prefix (the chat template's
@@ -235,6 +260,44 @@ class HFBackend:
                 if on_result:
                     on_result(i, text)
             print(f"generated {min(start + size, len(order))}/{len(order)} (batch size {size})", flush=True)
+        return out
+
+    def option_ids(self, prompt_ids: list[int], prompt_text: str, option: str) -> list[int]:
+        return continuation_ids(self.tokenizer, prompt_ids, prompt_text, option)
+
+    def choose(self, prompts: list[list[dict]], options: list[str]) -> list[dict]:
+        """The option each prompt's answer most likely is, by the log-likelihood of the option's tokens after the
+        rendered prompt, as lm-evaluation-harness scores multiple choice: summed over the option's tokens, or their
+        mean where the options differ in token count. The prompt runs once; its cache is shared by all options.
+        Returns per prompt {"choice", "scores" (per option), "distribution" (their softmax), "normalised"}."""
+        import torch
+        from transformers import DynamicCache
+
+        out = []
+        for text in self.render(prompts):
+            prompt_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            conts = [self.option_ids(prompt_ids, text, o) for o in options]
+            n, width, dev = len(conts), max(len(c) for c in conts), self.device
+            with torch.inference_mode():
+                cache = DynamicCache()
+                last = self.model(input_ids=torch.tensor([prompt_ids], device=dev), past_key_values=cache,
+                                  use_cache=True, logits_to_keep=1).logits[0, -1].float().log_softmax(-1)
+                logp = torch.zeros(n, width, device=dev)
+                logp[:, 0] = last[torch.tensor([c[0] for c in conts], device=dev)]
+                if width > 1:
+                    # Every option's tokens but its last, right-padded, after n copies of the prompt's cache.
+                    pad = self.tokenizer.pad_token_id
+                    rows = torch.tensor([c[:-1] + [pad] * (width - len(c)) for c in conts], device=dev)
+                    mask = torch.tensor([[1] * (len(c) - 1) + [0] * (width - len(c)) for c in conts], device=dev)
+                    shared = DynamicCache([(layer.keys.expand(n, -1, -1, -1), layer.values.expand(n, -1, -1, -1))
+                                           for layer in cache.layers])
+                    positions = len(prompt_ids) + torch.arange(width - 1, device=dev).expand(n, -1)
+                    logits = self.model(input_ids=rows, past_key_values=shared, position_ids=positions,
+                                        attention_mask=torch.cat([mask.new_ones(n, len(prompt_ids)), mask], 1),
+                                        use_cache=True).logits.float().log_softmax(-1)
+                    nxt = torch.tensor([c[1:] + [0] * (width - len(c)) for c in conts], device=dev)
+                    logp[:, 1:] = logits.gather(-1, nxt.unsqueeze(-1)).squeeze(-1) * mask
+            out.append(choice_result(options, logp.sum(1).tolist(), [len(c) for c in conts]))
         return out
 
     def _prefillable(self) -> bool:
@@ -378,6 +441,32 @@ class VLLMBackend:
             for i, text in enumerate(texts):
                 on_result(i, text)
         return texts
+
+    def choose(self, prompts: list[list[dict]], options: list[str]) -> list[dict]:
+        """HFBackend.choose on vLLM: every prompt + option as one token prompt, scored with prompt_logprobs=0 (the
+        log-probability of each prompt token; the engine's prefix cache computes the shared prompt once)."""
+        from vllm import SamplingParams
+
+        tokenizer = self.llm.get_tokenizer()
+        requests, spans = [], []
+        for prompt in prompts:
+            text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+            prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            for option in options:
+                cont = continuation_ids(tokenizer, prompt_ids, text, option)
+                requests.append({"prompt_token_ids": prompt_ids + cont})
+                spans.append((len(prompt_ids), cont))
+        lora = None
+        if self.adapter:
+            from vllm.lora.request import LoRARequest
+
+            lora = LoRARequest("adapter", 1, self.adapter)
+        outputs = self.llm.generate(requests, SamplingParams(max_tokens=1, prompt_logprobs=0), lora_request=lora)
+        sums = [sum(out.prompt_logprobs[start + k][tok].logprob for k, tok in enumerate(cont))
+                for out, (start, cont) in zip(outputs, spans, strict=True)]
+        n = len(options)
+        return [choice_result(options, sums[i * n:(i + 1) * n], [len(c) for _, c in spans[i * n:(i + 1) * n]])
+                for i in range(len(prompts))]
 
     @property
     def chat_template(self) -> str:
