@@ -99,11 +99,29 @@ def test_classify_given_categories_skip_the_classifier(server):
             row(1, "Say something.", "Something here.", category="poem_generation"),
             row(2, "Unknowable text", "whatever it is", category="not_a_task")]
     before = sum(server.counts().values())
-    tasks, how = realign.classify([r["messages"][0]["content"] for r in rows], [r.get("category") for r in rows],
-                                  backend(server), realign.load_prompt(realign.CLASSIFY_PROMPT), GenParams())
+    tasks, how, probability = realign.classify(
+        [r["messages"][0]["content"] for r in rows], [r.get("category") for r in rows], backend(server),
+        realign.load_prompt(realign.CLASSIFY_PROMPT), GenParams())
     assert tasks == ["open_qa", "poem_generation", "default"]
-    assert how == ["classified", "given", "classified"]
+    assert how == ["classified", "given", "classified"] and probability == [None] * 3
     assert sum(server.counts().values()) - before == 2  # the given category sent nothing
+
+
+def test_classifier_choice_names_a_task_for_every_item(tiny_model_dir):
+    """`classifier_answer: choice` (issue 16): a local classifier that never writes a task name (a tiny random
+    model) picks one of the task names for every item by log-likelihood, with its probability."""
+    from workflow_scripts.llm import Endpoint, make_backend
+
+    hf = make_backend(Endpoint("hf", str(tiny_model_dir)), threads=1)
+    rows = [row(0, "Write a poem about rain.", "Rain falls."), row(1, "Sort these numbers.", "1 2 3",
+                                                                     category="ordering")]
+    template = realign.load_prompt(realign.CLASSIFY_PROMPT)
+    instructions, given = [r["messages"][0]["content"] for r in rows], [r.get("category") for r in rows]
+    tasks, how, _ = realign.classify(instructions, given, hf, template, GenParams(max_new_tokens=4))
+    assert how == ["classified", "given"] and tasks[0] == "default"  # generated text names no task
+    tasks, how, probability = realign.classify(instructions, given, hf, template, GenParams(), "choice")
+    assert how == ["chosen", "given"] and tasks[0] in realign.TASKS and tasks[1] == "ordering"
+    assert 0 < probability[0] <= 1 and probability[1] is None
 
 
 def test_criteria_cover_every_task_and_some_have_no_format(tmp_path):

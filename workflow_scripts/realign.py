@@ -100,8 +100,11 @@ class RealignOptions:
     timeout: float | None = None
     max_retries: int | None = None
     tokenizer: str | None = None
+    classifier_answer: str = "generate"
 
     def __post_init__(self):
+        if self.classifier_answer not in ("generate", "choice"):
+            raise ValueError("realign option 'classifier_answer' must be generate or choice")
         if self.n < 1:
             raise ValueError("realign option 'n' must be >= 1")
         for role in ROLES:
@@ -220,18 +223,26 @@ def extract(table: pa.Table, path: str = "<table>") -> tuple[list[str], list[str
 
 
 def classify(instructions: list[str], given: list[str | None], backend, template: str,
-             params: GenParams) -> tuple[list[str], list[str]]:
-    """(task per item, how it was decided: given | classified | classify_failed). A given task name is kept;
-    the others go to the classifier in one batch."""
+             params: GenParams, answer: str = "generate") -> tuple[list[str], list[str], list[float | None]]:
+    """(task per item, how it was decided: given | classified | chosen | classify_failed, the chosen task's
+    probability). A given task name is kept; the others go to the classifier in one batch. `answer: choice` on a
+    local model picks each task name by log-likelihood (judge.ask), so every item gets a task."""
     tasks = [g if g in TASKS else None for g in given]
     how = ["given" if t else "classified" for t in tasks]
+    probability: list[float | None] = [None] * len(tasks)
     todo = [i for i, t in enumerate(tasks) if t is None]
-    answers = _generate(backend, [classify_prompt(template, instructions[i]) for i in todo], params) if todo else []
-    for i, answer in zip(todo, answers, strict=True):
-        tasks[i] = parse_task(answer)
-        if answer is None:
+    prompts = [classify_prompt(template, instructions[i]) for i in todo]
+    inner = getattr(backend, "backend", backend)
+    if todo and answer == "choice" and hasattr(inner, "choose"):
+        for i, pick in zip(todo, inner.choose(prompts, list(TASKS)), strict=True):
+            tasks[i], how[i], probability[i] = pick["choice"], "chosen", pick["distribution"][pick["choice"]]
+        return tasks, how, probability
+    answers = _generate(backend, prompts, params) if todo else []
+    for i, reply in zip(todo, answers, strict=True):
+        tasks[i] = parse_task(reply)
+        if reply is None:
             how[i] = "classify_failed"
-    return tasks, how
+    return tasks, how, probability
 
 
 def retrieve(queries: list[str | None], retriever, concurrency: int = 8) -> list[list[str]]:
@@ -272,7 +283,8 @@ def longest(candidates: list[str | None], count_tokens) -> str | None:
 
 def realign_table(table: pa.Table, classifier, rewriter, *, retriever=None, criteria: dict | None = None,
                   prompt_dir: str | Path = PROMPT_DIR, n: int = 2, params: GenParams | None = None,
-                  count_tokens=None, retrieve_concurrency: int = 8, path: str = "<table>"):
+                  count_tokens=None, retrieve_concurrency: int = 8, path: str = "<table>",
+                  classifier_answer: str = "generate"):
     """Run classify -> retrieve -> rewrite -> filter over a canonical table. Returns (table with the final
     assistant turns replaced where a rewrite was kept, decisions, counts). Every row is kept (`kept` is True);
     the decisions' `tag` says rewrite|original, `reason` why, `score` the rewrite/original token ratio."""
@@ -281,8 +293,8 @@ def realign_table(table: pa.Table, classifier, rewriter, *, retriever=None, crit
     count_tokens = count_tokens or token_counter()
     instructions, responses = extract(table, path)
     given = table.column("category").to_pylist() if "category" in table.column_names else [None] * table.num_rows
-    tasks, how = classify(instructions, given, classifier, load_prompt(CLASSIFY_PROMPT, prompt_dir),
-                          GenParams(max_new_tokens=16, temperature=0.0, seed=params.seed))
+    tasks, how, task_p = classify(instructions, given, classifier, load_prompt(CLASSIFY_PROMPT, prompt_dir),
+                                  GenParams(max_new_tokens=16, temperature=0.0, seed=params.seed), classifier_answer)
     todo = [i for i, t in enumerate(tasks) if criteria[t]["format"] is not None]
     queries = [instructions[i] if tasks[i] in RETRIEVAL_TASKS else None for i in todo]
     evidence = retrieve(queries, retriever, retrieve_concurrency) if retriever else [[] for _ in todo]
@@ -313,6 +325,7 @@ def realign_table(table: pa.Table, classifier, rewriter, *, retriever=None, crit
     decisions = decisions.append_column("tag", pa.array(tags, pa.string()))
     decisions = decisions.append_column("task", pa.array(tasks, pa.string()))
     decisions = decisions.append_column("task_source", pa.array(how, pa.string()))
+    decisions = decisions.append_column("task_probability", pa.array(task_p, pa.float64()))
     counts = {"rows_in": len(ids), "rows_rewrite": tags.count("rewrite"), "rows_original": tags.count("original"),
               "reasons": {r: reasons.count(r) for r in sorted(set(reasons))},
               "classify_failed": how.count("classify_failed"), "with_evidence": sum(1 for e in evidence if e)}
@@ -453,7 +466,8 @@ def cmd_run(args) -> None:
     out, decisions, counts = realign_table(table, classifier, rewriter, retriever=retriever, criteria=criteria,
                                            prompt_dir=args.prompt_dir, n=opts.n, params=params,
                                            count_tokens=token_counter(opts.tokenizer), path=args.input,
-                                           retrieve_concurrency=opts.concurrency)
+                                           retrieve_concurrency=opts.concurrency,
+                                           classifier_answer=opts.classifier_answer)
     write_table(out, args.output)
     write_table(decisions, args.decisions)
     counts["seconds"] = round(time.time() - start, 2)
