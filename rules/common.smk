@@ -112,7 +112,7 @@ def check_eval_entry(exp, metric, entry):
         return [f"{where}: unknown evalset {spec['evalset']!r}"]
     scorer = spec.get("metric") or config["evalsets"][spec["evalset"]]["metric"]
     problems = []
-    if scorer in ("judge_harmfulness", "win_rate"):
+    if scorer in ("judge_harmfulness", "judge_strongreject", "win_rate"):
         problems += llm_problems(spec.get("judge"), f"{where}.judge", f"{scorer} needs a judge from `llms`")
     if scorer == "win_rate" and spec.get("baseline") not in config["experiments"]:
         problems.append(f"{where}.baseline: win_rate needs a baseline experiment (got {spec.get('baseline')!r})")
@@ -150,7 +150,8 @@ def llm_model_files(names):
 
 # scorer (evalset `metric`, or an eval entry's own `metric`) -> the rule that computes it
 SCORER_RULES = {"safe_rate": "score", "over_refusal": "score", "gsm8k": "score", "rouge1": "score",
-                "judge_harmfulness": "judge", "win_rate": "judge", "toxicity": "toxicity",
+                "judge_harmfulness": "judge", "judge_strongreject": "judge", "win_rate": "judge",
+                "toxicity": "toxicity",
                 "bbq": "bbq_score"}
 
 
@@ -423,7 +424,7 @@ def judge_inputs(wildcards):
 # used by score.smk: one judge rule serves both judge scorers, each its own subcommand of the judge CLI
 def judge_command(wildcards):
     scorer = eval_spec(wildcards.exp, wildcards.metric)["metric"]
-    return {"judge_harmfulness": "harmfulness", "win_rate": "winrate"}[scorer]
+    return {"judge_harmfulness": "harmfulness", "judge_strongreject": "strongreject", "win_rate": "winrate"}[scorer]
 
 
 # used by score.smk
