@@ -112,7 +112,7 @@ def check_eval_entry(exp, metric, entry):
         return [f"{where}: unknown evalset {spec['evalset']!r}"]
     scorer = spec.get("metric") or config["evalsets"][spec["evalset"]]["metric"]
     problems = []
-    if scorer in ("judge_harmfulness", "judge_strongreject", "win_rate"):
+    if scorer in ("judge_harmfulness", "judge_strongreject", "win_rate", "guard"):
         problems += llm_problems(spec.get("judge"), f"{where}.judge", f"{scorer} needs a judge from `llms`")
     if scorer == "win_rate" and spec.get("baseline") not in config["experiments"]:
         problems.append(f"{where}.baseline: win_rate needs a baseline experiment (got {spec.get('baseline')!r})")
@@ -150,7 +150,7 @@ def llm_model_files(names):
 
 # scorer (evalset `metric`, or an eval entry's own `metric`) -> the rule that computes it
 SCORER_RULES = {"safe_rate": "score", "over_refusal": "score", "gsm8k": "score", "rouge1": "score",
-                "judge_harmfulness": "judge", "judge_strongreject": "judge", "win_rate": "judge",
+                "judge_harmfulness": "judge", "judge_strongreject": "judge", "win_rate": "judge", "guard": "judge",
                 "toxicity": "toxicity",
                 "bbq": "bbq_score"}
 
@@ -424,12 +424,21 @@ def judge_inputs(wildcards):
 # used by score.smk: one judge rule serves both judge scorers, each its own subcommand of the judge CLI
 def judge_command(wildcards):
     scorer = eval_spec(wildcards.exp, wildcards.metric)["metric"]
-    return {"judge_harmfulness": "harmfulness", "judge_strongreject": "strongreject", "win_rate": "winrate"}[scorer]
+    return {
+        "judge_harmfulness": "harmfulness",
+        "judge_strongreject": "strongreject",
+        "win_rate": "winrate",
+        "guard": "guard",
+    }[scorer]
 
 
 # used by score.smk
 def judge_args(wildcards):
     spec = eval_spec(wildcards.exp, wildcards.metric)
+    if spec["metric"] == "guard":  # a classifier: no prompt, no request cache; its kind is the llms entry's
+        args = [endpoint_args(llm_endpoint(spec["judge"])), f"--kind {LLMS[spec['judge']].get('guard', 'llama_guard')}"]
+        args += [f"--{k} {spec[k]}" for k in ("threshold", "limit") if k in spec]
+        return " ".join(args)
     args = [endpoint_args(llm_endpoint(spec["judge"])), "--cache cache/judge/{exp}/{metric}.sqlite".format(**wildcards)]
     if spec["metric"] == "win_rate":
         args.append("--baseline_generations " + " ".join(judge_inputs(wildcards)["baseline"]))

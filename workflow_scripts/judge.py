@@ -379,7 +379,19 @@ def main(argv: list[str] | None = None) -> None:
                        help="generate: free text, parsed (re-asked when unparseable); choice: the answer line "
                             "picked by log-likelihood (hf, vllm; an OpenAI-compatible server generates)")
         p.add_argument("--output", required=True, help="results JSON; per-example Parquet goes beside it")
+    g = sub.add_parser("guard", help="a guard classifier's harmful score (workflow_scripts/guard.py)")
+    add_generation_args(g)
+    add_endpoint_args(g)
+    g.add_argument("--kind", choices=("llama_guard", "classifier"), default="llama_guard")
+    g.add_argument("--threshold", type=float, default=0.5)
+    g.add_argument("--threads", type=int, default=None)
+    g.add_argument("--limit", type=int, default=None, help="score only the first N prompts of each file")
+    g.add_argument("--name", default=None)
+    g.add_argument("--output", required=True, help="results JSON; per-example Parquet goes beside it")
     args = ap.parse_args(argv)
+    if args.command == "guard":
+        guard_main(args)
+        return
     params = GenParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                        batch_size=args.batch_size, seed=args.seed)
     try:
@@ -403,6 +415,31 @@ def main(argv: list[str] | None = None) -> None:
                 if baselines else {})
     write_result(result, examples, args.output, args.name or result["metric"], generations,
                  note=f"unparsed={result['n_unparsed']}", judge=judge, **baseline)
+
+
+def guard_main(args) -> None:
+    from workflow_scripts import guard
+
+    try:
+        generations = load_generations(args.generations, args.seeds, args.limit)
+        endpoint = endpoint_from_args(args)
+        if args.kind == "classifier":
+            if endpoint.backend != "hf":
+                raise ValueError("a classifier guard runs on the hf backend (a local sequence-classification model)")
+            model = guard.ModerationClassifier(endpoint.model, threads=args.threads)
+            items = [model.items(rows, args.threshold) for _, _, rows, _ in generations]
+        else:
+            model = open_backend(endpoint, threads=args.threads)
+            if not hasattr(model, "choose"):
+                raise ValueError(f"a llama_guard guard needs a local model (hf, vllm), not {endpoint.backend}")
+            items = [guard.llama_guard_items(model, rows, args.threshold) for _, _, rows, _ in generations]
+        result, examples = guard.guard_result(generations, items, args.kind, args.threshold)
+    except (DataError, ValueError, KeyError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    write_result(result, examples, args.output, args.name or result["metric"], generations,
+                 note=f"{args.kind} guard, threshold {args.threshold}", judge={**endpoint.describe(),
+                                                                              "kind": args.kind})
 
 
 if __name__ == "__main__":
