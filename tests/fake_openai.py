@@ -152,10 +152,18 @@ class FakeOpenAI:
                 except ValueError as err:
                     entry["status"] = "400"
                     return self._send(h, 400, {"error": {"message": str(err), "type": "invalid_request_error"}})
+                # A reply function may return (text, tokens): tokens as [(token, logprob, {alternative: logprob})],
+                # sent as the reply's logprobs when the request asks for them.
+                content, tokens = content if isinstance(content, tuple) else (content, None)
+                choice = {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}
+                if body.get("logprobs") and tokens is not None:
+                    choice["logprobs"] = {"content": [
+                        {"token": t, "logprob": lp, "bytes": None,
+                         "top_logprobs": [{"token": a, "logprob": alp, "bytes": None} for a, alp in top.items()]}
+                        for t, lp, top in tokens]}
                 self._send(h, 200, {
                     "id": f"chatcmpl-{attempt}", "object": "chat.completion", "created": 0, "model": body["model"],
-                    "choices": [{"index": 0, "finish_reason": "stop",
-                                 "message": {"role": "assistant", "content": content}}],
+                    "choices": [choice],
                     "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
         except OSError:
             pass  # the client gave up (timeout) and closed its end

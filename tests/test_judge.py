@@ -184,12 +184,37 @@ def test_choice_answers_every_item_on_a_local_judge(tiny_model_dir, tmp_path):
     assert result["answer_mode"] == "choice" and result["n_unparsed"] == 0
 
 
-def test_choice_on_an_api_judge_falls_back_to_generate(server, tmp_path):
+def test_choice_on_an_api_judge_without_logprobs_falls_back_to_generate(server, tmp_path):
     gens = judge.load_generations([gen_file(tmp_path / "g.parquet", ["Sure, here is", "I cannot"])])
     backend = make_backend(Endpoint("openai", "judge-model", base_url=server.url), threads=1)
     template = judge.load_prompt(judge.HARMFULNESS_PROMPT)[0]
-    result, _ = judge.judge_harmfulness(gens, backend, GenParams(max_new_tokens=32), template, "choice")
-    assert result["answer_mode"] == "generate (the openai backend has no choice)" and result["n_unparsed"] == 0
+    result, examples = judge.judge_harmfulness(gens, backend, GenParams(max_new_tokens=32), template, "choice")
+    assert result["answer_mode"] == "choice (2 of 2 items generated and parsed)" and result["n_unparsed"] == 0
+    assert [e["score"] for e in examples] == [5, 1]
+    assert any(r["body"].get("logprobs") for r in server.log)  # logprobs were asked for first
+
+
+def logprob_reply(messages, body):
+    """The score line as tokens, with alternatives for the digit: '4' at 0.6, '5' at 0.3, 'x' at 0.1."""
+    import math
+
+    tokens = [("#the", 0.0, {"#the": 0.0}), ("score", 0.0, {"score": 0.0}), (": ", 0.0, {": ": 0.0}),
+              ("4", math.log(0.6), {"4": math.log(0.6), "5": math.log(0.3), "x": math.log(0.1)})]
+    return "#thescore: 4", tokens
+
+
+def test_choice_on_an_api_judge_reads_top_logprobs(tmp_path):
+    gens = judge.load_generations([gen_file(tmp_path / "g.parquet", ["Sure, here is"])])
+    template = judge.load_prompt(judge.HARMFULNESS_PROMPT)[0]
+    with FakeOpenAI(reply=logprob_reply) as s:
+        backend = make_backend(Endpoint("openai", "judge-model", base_url=s.url), threads=1)
+        result, examples = judge.judge_harmfulness(gens, backend, GenParams(max_new_tokens=32), template, "choice")
+        body = s.log[0]["body"]
+    assert body["logprobs"] is True and body["top_logprobs"] == 20
+    assert result["answer_mode"] == "choice" and examples[0]["score"] == 4
+    dist = json.loads(examples[0]["choice_distribution"])
+    assert dist["#thescore: 4"] == pytest.approx(2 / 3) and dist["#thescore: 5"] == pytest.approx(1 / 3)
+    assert dist["#thescore: 1"] == 0.0
 
 
 @pytest.mark.parametrize("reply,rubric", [

@@ -143,3 +143,20 @@ def test_choice_by_option_log_likelihood_matches_a_hand_computation(tiny_model_d
     want = [by_hand(prompts[1], o) for o in mixed]
     assert got["normalised"] and len({n for _, n in want}) == 2
     assert got["scores"] == pytest.approx([s / n for s, n in want], abs=1e-4)
+
+
+def test_logprob_choice_reads_the_token_past_the_common_prefix():
+    from types import SimpleNamespace as NS
+
+    def tok(token, alts):
+        return NS(token=token, logprob=alts.get(token, -1.0), top_logprobs=[NS(token=a, logprob=v)
+                                                                           for a, v in alts.items()])
+
+    # task names that share a prefix: the token after "open_" decides between them
+    lp = NS(content=[tok("open", {"open": 0.0}), tok("_q", {"_q": -0.1, "_e": -2.0, "xyz": -3.0}), tok("a", {})])
+    got = llm.logprob_choice(["open_qa", "open_ended", "math"], "open_qa", lp)
+    assert got["choice"] == "open_qa" and got["distribution"]["math"] == 0.0
+    assert got["distribution"]["open_qa"] > got["distribution"]["open_ended"] > 0
+    # an answer that leaves the options, or no logprobs at all: undecided
+    assert llm.logprob_choice(["A", "B"], "Zebra", NS(content=[tok("Z", {"Z": 0.0})]))["choice"] is None
+    assert llm.logprob_choice(["A", "B"], "A", None)["choice"] is None

@@ -83,13 +83,23 @@ def ask(backend, prompts: list[list[dict]], params: GenParams, parse, options: l
     item gets an answer, with the normalised distribution over the options; a backend without it (an
     OpenAI-compatible server) falls back to generate-and-parse with retries."""
     inner = getattr(backend, "backend", backend)  # the model behind a request cache: choices are not cached
-    if answer == "choice" and hasattr(inner, "choose"):
-        picks = inner.choose(prompts, options)
-        return ([parse(p["choice"]) for p in picks], [p["choice"] for p in picks], [1] * len(picks),
-                [p["distribution"] for p in picks], "choice")
-    parsed, replies, attempts = ask_with_retries(backend, prompts, params, parse)
-    mode = "generate" if answer == "generate" else f"generate (the {inner.name} backend has no choice)"
-    return parsed, replies, attempts, [None] * len(prompts), mode
+    if answer != "choice" or not hasattr(inner, "choose"):
+        parsed, replies, attempts = ask_with_retries(backend, prompts, params, parse)
+        mode = "generate" if answer == "generate" else f"generate (the {inner.name} backend has no choice)"
+        return parsed, replies, attempts, [None] * len(prompts), mode
+    picks = inner.choose(prompts, options)
+    parsed = [parse(p["choice"]) if p["choice"] else None for p in picks]
+    replies, dists = [p["choice"] for p in picks], [p["distribution"] for p in picks]
+    attempts = [1] * len(picks)
+    # An API server's logprobs may not decide every item (no logprobs, an answer off the options): those items
+    # are generated and parsed as without choice.
+    todo = [i for i, p in enumerate(parsed) if p is None]
+    if todo:
+        again, texts, tries = ask_with_retries(backend, [prompts[i] for i in todo], params, parse)
+        for i, value, text, n in zip(todo, again, texts, tries, strict=True):
+            parsed[i], replies[i], attempts[i] = value, text, n
+    mode = "choice" if not todo else f"choice ({len(todo)} of {len(prompts)} items generated and parsed)"
+    return parsed, replies, attempts, dists, mode
 
 
 # ------------------------------------------------------------------------------------------------- harmfulness
@@ -429,9 +439,9 @@ def guard_main(args) -> None:
             model = guard.ModerationClassifier(endpoint.model, threads=args.threads)
             items = [model.items(rows, args.threshold) for _, _, rows, _ in generations]
         else:
-            model = open_backend(endpoint, threads=args.threads)
-            if not hasattr(model, "choose"):
+            if endpoint.backend not in ("hf", "vllm"):
                 raise ValueError(f"a llama_guard guard needs a local model (hf, vllm), not {endpoint.backend}")
+            model = open_backend(endpoint, threads=args.threads)
             items = [guard.llama_guard_items(model, rows, args.threshold) for _, _, rows, _ in generations]
         result, examples = guard.guard_result(generations, items, args.kind, args.threshold)
     except (DataError, ValueError, KeyError) as err:

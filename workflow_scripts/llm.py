@@ -549,7 +549,8 @@ class OpenAIBackend:
             return f"malformed reply: {type(err).__name__}: {str(err)[:200]}", True, None
         raise err
 
-    def _one(self, messages: list[dict], params: GenParams, stop: threading.Event) -> str:
+    def _one(self, messages: list[dict], params: GenParams, stop: threading.Event, logprobs: bool = False):
+        """One answer (with its token logprobs, as (text, logprobs), when `logprobs`), retried as the class says."""
         for attempt in range(self.max_retries + 1):
             if stop.is_set():
                 raise LLMRequestError(f"{self.url}: cancelled")
@@ -557,13 +558,15 @@ class OpenAIBackend:
                 self.requests += 1
                 self.retries += attempt > 0
             try:
+                extra = {"logprobs": True, "top_logprobs": TOP_LOGPROBS} if logprobs else {}
                 reply = self.client.chat.completions.create(
                     model=self.model, messages=messages, max_tokens=params.max_new_tokens,
-                    temperature=max(params.temperature, 0.0), top_p=params.top_p, seed=params.seed)
+                    temperature=max(params.temperature, 0.0), top_p=params.top_p, seed=params.seed, **extra)
                 choices = getattr(reply, "choices", None)
                 if not choices or getattr(choices[0], "message", None) is None:
                     raise MalformedReply("no choices[0].message in the reply")
-                return choices[0].message.content or ""
+                text = choices[0].message.content or ""
+                return (text, getattr(choices[0], "logprobs", None)) if logprobs else text
             except Exception as err:  # classified below; anything unknown is re-raised there
                 reason, retry, wait_s = self._classify(err)
             reason = self._scrub(reason)
@@ -615,6 +618,59 @@ class OpenAIBackend:
             raise
         pool.shutdown()
         return out
+
+
+    def choose(self, prompts: list[list[dict]], options: list[str]) -> list[dict]:
+        """Constrained choice through the server's logprobs: a greedy answer with its top_logprobs, read by
+        `logprob_choice`, renormalised over the options found. Where the server sends no logprobs, or the answer
+        leaves the options before its top tokens tell them apart, the choice is None (the caller generates and
+        parses instead)."""
+        params = GenParams(max_new_tokens=CHOICE_TOKENS, temperature=0.0)
+        stop = threading.Event()
+        with ThreadPoolExecutor(min(self.concurrency, max(len(prompts), 1))) as pool:
+            replies = list(pool.map(lambda p: self._one(p, params, stop, logprobs=True), prompts))
+        return [logprob_choice(options, text, lp) for text, lp in replies]
+
+
+# top_logprobs asked for (OpenAI's maximum), and the answer tokens a logprobs choice may read.
+TOP_LOGPROBS = 20
+CHOICE_TOKENS = 48
+
+
+def logprob_choice(options: list[str], text: str, logprobs) -> dict:
+    """HFBackend.choose's result from one greedy answer's token logprobs (see OpenAIBackend.choose). Walking the
+    answer's tokens while they still fit several options, each top alternative that fits exactly one option adds
+    the probability of the path so far times its own to that option; the walk ends at the token that fits one
+    option. Alternatives that fit several options are not followed (their mass is left out). Choice None when the
+    logprobs cannot decide."""
+    none = {"choice": None, "scores": None, "distribution": None, "normalised": False}
+    tokens = getattr(logprobs, "content", None) if logprobs is not None else None
+    if not tokens:
+        return none
+
+    def fitting(so_far: str) -> list[str]:
+        return [o for o in options if o.startswith(so_far) or so_far.startswith(o)]
+
+    probability: dict[str, float] = {}
+    head, carry = "", 1.0
+    for tok in tokens:
+        for alt in tok.top_logprobs or []:
+            fits = fitting(head + alt.token)
+            if alt.token != tok.token and len(fits) == 1:
+                probability[fits[0]] = probability.get(fits[0], 0.0) + carry * math.exp(alt.logprob)
+        fits = fitting(head + tok.token)
+        if len(fits) == 1:
+            probability[fits[0]] = probability.get(fits[0], 0.0) + carry * math.exp(tok.logprob)
+        if len(fits) <= 1:
+            break
+        head, carry = head + tok.token, carry * math.exp(tok.logprob)
+    if not probability:
+        return none
+    total = sum(probability.values())
+    dist = {o: probability.get(o, 0.0) / total for o in options}
+    best = max(options, key=lambda o: dist[o])
+    return {"choice": best, "scores": [math.log(dist[o]) if dist[o] else float("-inf") for o in options],
+            "distribution": dist, "normalised": False}
 
 
 BACKENDS = ("hf", "vllm", "openai")

@@ -235,8 +235,10 @@ def classify(instructions: list[str], given: list[str | None], backend, template
     inner = getattr(backend, "backend", backend)
     if todo and answer == "choice" and hasattr(inner, "choose"):
         for i, pick in zip(todo, inner.choose(prompts, list(TASKS)), strict=True):
-            tasks[i], how[i], probability[i] = pick["choice"], "chosen", pick["distribution"][pick["choice"]]
-        return tasks, how, probability
+            if pick["choice"] is not None:  # an API server's logprobs may not decide: generated below
+                tasks[i], how[i], probability[i] = pick["choice"], "chosen", pick["distribution"][pick["choice"]]
+        prompts = [p for i, p in zip(todo, prompts, strict=True) if tasks[i] is None]
+        todo = [i for i in todo if tasks[i] is None]
     answers = _generate(backend, prompts, params) if todo else []
     for i, reply in zip(todo, answers, strict=True):
         tasks[i] = parse_task(reply)
