@@ -26,8 +26,8 @@ venv: $(BIN)/activate
 demo: venv
 	$(BIN)/python -m workflow_scripts.progress --cores $(CORES) $(SEED_CONFIG)
 
-# The harmful-mix experiments (a 20% demo-unsafe mix: plain, random selection, SafeInstr, SEAL, SEAL + SafeInstr), outside `make demo`'s
-# time budget: about 13 minutes more on 2 cores (README).
+# The harmful-mix experiments (a 20% demo-unsafe mix: plain, random selection, SafeInstr, SEAL, SEAL + SafeInstr,
+# ForgetFilter), outside `make demo`'s time budget: about half an hour more on 2 cores (README).
 MIX_RESULTS := $(foreach e,demo_mix_vanilla demo_random demo_safeinstr demo_seal demo_seal_safeinstr demo_forgetfilter,$(foreach m,safe_rate over_refusal utility,results/$(e)/$(m).json))
 demo-mix: venv
 	$(BIN)/python -m workflow_scripts.progress --cores $(CORES) $(MIX_RESULTS) results/demo_random/filter.json results/demo_seal/filter.json results/demo_forgetfilter/filter.json
