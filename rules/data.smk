@@ -100,7 +100,8 @@ rule normalise_where:
 
 rule bbq_prepare:
     input:
-        lambda wc: config["datasets"][wc.dataset]["bbq"],
+        # Declared only when it exists, as for `path:` datasets: a dry run plans without the user's BBQ files.
+        lambda wc: [f] if os.path.exists(f := config["datasets"][wc.dataset]["bbq"]) else [],
     output:
         "data/raw/{dataset}.parquet",
     wildcard_constraints:
@@ -112,6 +113,7 @@ rule bbq_prepare:
             else ""
         ),
         answers=lambda wc: config["datasets"][wc.dataset].get("answers", "eval"),
+        folder=lambda wc: config["datasets"][wc.dataset]["bbq"],
     conda:
         "../envs/cpu.yaml"
     log:
@@ -119,5 +121,5 @@ rule bbq_prepare:
     benchmark:
         "benchmarks/bbq_prepare/{dataset}.tsv"
     shell:
-        "python -m workflow_scripts.bbq prepare --input {input} {params.per_category} --answers {params.answers} "
+        "python -m workflow_scripts.bbq prepare --input {params.folder:q} {params.per_category} --answers {params.answers} "
         "--output {output} > {log} 2>&1"

@@ -270,3 +270,12 @@ def test_paper_scale_sweep_plans_vllm_shards_and_continued_adapters(tmp_path):
     assert "--base models/base/llama2_7b_chat" in noisy and '"lora_r": 8' in noisy and '"epochs": 10.0' in noisy
     assert "--data data/raw/harmfulqa_blue.parquet" in safe and '"continue_adapter": true' in safe
     assert "declare-lab/HarmfulQA" in out and "--field messages=blue_conversations" in out
+
+
+def test_paper_scale_bias_and_toxicity_settings_plan(tmp_path):
+    out = smk(tmp_path, "-n", "-p", "results/forgetfilter_bbq_ratio0.5__forgetfilter/bias.json",
+              "results/forgetfilter_harmfulqa_ratio0.25__forgetfilter/toxicity.json").stdout
+    assert "--answers biased" in out and "--answers correct" in out and "data/user/bbq_heldout" in out
+    assert "workflow_scripts.bbq score" in out and "workflow_scripts.toxicity" in out
+    mix = next(line for line in out.splitlines() if "workflow_scripts.mix" in line and "forgetfilter_bbq" in line)
+    assert "data/raw/bbq_biased.parquet" in mix

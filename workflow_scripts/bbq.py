@@ -137,6 +137,10 @@ def prepare(inputs: list[str], output: str, prompt: str | Path = PROMPT, metadat
     `answers` biased/correct a training table (`with_answers`); returns counts."""
     template, prompt_id = load_prompt(prompt)
     meta = read_metadata(metadata) if metadata else None
+    for i in inputs:
+        if not Path(i).exists():
+            raise DataError(i, None, None, "no such file or folder (put BBQ's data/*.jsonl, github.com/nyu-mll/BBQ, "
+                                           "there or point the dataset's `bbq:` at them)")
     files = sorted(p for i in inputs for p in (Path(i).glob("*.jsonl") if Path(i).is_dir() else [Path(i)]))
     if not files:
         raise DataError(", ".join(inputs), None, None, "no BBQ .jsonl files found")
