@@ -307,3 +307,20 @@ def test_training_curves_one_panel_per_chain(tmp_path):
     assert report.read_curve(logs["vanilla"][1])[0] == (1, pytest.approx(1.85))
     with pytest.raises(DataError, match="cannot read training log"):
         report.read_curve(tmp_path / "missing.json")
+
+
+def test_judges_section_names_the_mode_unparsed_and_kappa(tmp_path):
+    from workflow_scripts.report import blocks, judge_rows, to_markdown
+
+    r = tmp_path / "results"
+    plain = write_result(r / "vanilla/safe_rate.json", 0.4, [0.3, 0.5])
+    judged = r / "vanilla/judge_safe_rate.json"
+    judged.write_text(json.dumps({"metric": "judge_safe_rate", "value": 0.5, "ci95": [0.3, 0.7], "n": 32,
+                                  "n_seeds": 1, "n_total": 32, "n_unparsed": 0, "answer_mode": "choice",
+                                  "judge": {"backend": "hf", "model": "models/base/smollm2"},
+                                  "agreement_with_keyword": {"cohen_kappa": 0.125}}))
+    rows = judge_rows([str(plain), str(judged)])
+    assert rows == [{"experiment": "vanilla", "metric": "judge_safe_rate", "judge": "models/base/smollm2",
+                     "answer": "choice", "unparsed": "0 of 32", "kappa": "0.12"}]
+    md = to_markdown(blocks([], ["vanilla"], None, judges=rows))
+    assert "## Judges" in md and "weak judge" in md and "| choice | 0 of 32 | 0.12 |" in md

@@ -67,6 +67,36 @@ def collect(paths: list[str]) -> list[dict]:
     return [load_result(p) for p in paths if Path(p).name != "manifest.json"]
 
 
+def judge_rows(paths: list[str]) -> list[dict]:
+    """The judged results (LLM judges and guards): who judged, how answers were read, what did not parse, and
+    the agreement with the keyword rule where the scorer reports it."""
+    out = []
+    for path in paths:
+        path = Path(path)
+        if path.name == "manifest.json":
+            continue
+        r = json.loads(path.read_text())
+        if "judge" not in r:
+            continue
+        kappa = (r.get("agreement_with_keyword") or {}).get("cohen_kappa")
+        out.append({"experiment": path.parent.name, "metric": path.stem, "judge": r["judge"].get("model"),
+                    "answer": r.get("answer_mode") or r["judge"].get("kind") or "generate",
+                    "unparsed": f"{r.get('n_unparsed', 0)} of {r.get('n_total', r.get('n'))}",
+                    "kappa": "n/a" if kappa is None else f"{kappa:.2f}"})
+    return out
+
+
+def judge_blocks(rows: list[dict]) -> list[tuple]:
+    if not rows:
+        return []
+    return [("h2", "Judges"),
+            ("table", ["experiment", "metric", "judge", "answers read by", "unparsed", "kappa vs keyword rule"],
+             [[r["experiment"], r["metric"], r["judge"], r["answer"], r["unparsed"], r["kappa"]] for r in rows]),
+            ("p", "A judge is only as good as its model: a small local model (the demo's 135M SmolLM2) runs the "
+                  "machinery but is a weak judge, whatever share of its answers parse. Kappa is Cohen's agreement "
+                  "with the keyword refusal rule on the same completions (1 = full agreement, 0 = chance).")]
+
+
 def separated(a: dict, b: dict) -> bool:
     """True when the two rows' 95% CIs do not overlap; touching intervals (a.high == b.low) count as overlapping,
     and a row without a finite CI is never separated from anything."""
@@ -257,7 +287,8 @@ def cell(r: dict | None) -> str:
 
 
 def blocks(rows: list[dict], experiments: list[str], baseline: str | None, notes: dict | None = None,
-           full: bool = True, runtime: list[dict] | None = None, filters: list[str] = ()) -> list[tuple]:
+           full: bool = True, runtime: list[dict] | None = None, filters: list[str] = (),
+           judges: list[dict] = ()) -> list[tuple]:
     """The report as ("h1"|"h2"|"p"|"table", ...) blocks, rendered to Markdown or HTML by the caller."""
     notes = notes or {}
     metrics = list(dict.fromkeys(r["metric"] for r in rows))
@@ -328,6 +359,7 @@ def blocks(rows: list[dict], experiments: list[str], baseline: str | None, notes
     if full:
         from workflow_scripts.filter_measures import measures_blocks
 
+        out += judge_blocks(list(judges))
         out += measures_blocks(list(filters))
         out += runtime_blocks(runtime or [])
     return out
@@ -685,7 +717,8 @@ def build(results: list[str], experiments: list[str], baseline: str | None, note
     write_table(to_table(rows), parquet)
     with atomic_file(markdown_path) as tmp:
         tmp.write_text(markdown(rows, experiments, baseline, notes, full=False))
-    full = blocks(rows, experiments, baseline, notes, full=True, runtime=runtime, filters=filters)
+    full = blocks(rows, experiments, baseline, notes, full=True, runtime=runtime, filters=filters,
+                  judges=judge_rows(results))
     if report_md:
         with atomic_file(report_md) as tmp:
             tmp.write_text(to_markdown(full))
