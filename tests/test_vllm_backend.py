@@ -146,3 +146,35 @@ def test_vllm_lora_matches_merged_hf(vllm_python, smollm2, lora_adapter, evals, 
     changed = sum(hf["completions"][k] != hf_base["completions"][k] for k in hf_base["completions"])
     assert changed >= len(PROMPTS) // 2, "the adapter barely changes the model: the LoRA path would go untested"
     assert_same_tokens(hf["completions"], vllm["completions"], smollm2)
+
+
+def judge_choice(python: Path, backend: str, model: Path, gens: Path, out: Path) -> list[dict]:
+    """Our judge CLI with `--answer choice` in `python`'s environment: the per-example rows."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
+           "DO_NOT_TRACK": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    cmd = [str(python), "-m", "workflow_scripts.judge", "harmfulness", "--generations", str(gens), "--backend",
+           backend, "--model", str(model), "--dtype", "float32", "--answer", "choice", "--output", str(out)]
+    if backend == "vllm":
+        cmd.append("--enforce_eager")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=out.parent)
+    assert proc.returncode == 0, f"{backend} judge failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    assert json.loads(out.read_text())["answer_mode"] == "choice"
+    return pq.read_table(out.with_suffix(".examples.parquet")).to_pylist()
+
+
+def test_vllm_choice_matches_hf(vllm_python, smollm2, hf_base, tmp_path):
+    """Constrained choice (issue 16) on vLLM (prompt_logprobs over prompt + option) against our hf backend (one
+    cached prompt pass): the same pick and nearly the same distribution over the five score lines."""
+    import pyarrow as pa
+
+    ids = sorted(hf_base["completions"])
+    table = pa.table({"id": ids, "messages": [[{"role": "user", "content": PROMPTS[int(i[1:])]}] for i in ids],
+                      "completion": [hf_base["completions"][i] for i in ids], "reference": [None] * len(ids)})
+    gens = tmp_path / "gens.parquet"
+    pq.write_table(table.replace_schema_metadata({"safeft": json.dumps({"backend": "hf", "params": {}})}), gens)
+    hf = judge_choice(Path(sys.executable), "hf", smollm2, gens, tmp_path / "hf.json")
+    vllm = judge_choice(vllm_python, "vllm", smollm2, gens, tmp_path / "vllm.json")
+    for a, b in zip(hf, vllm, strict=True):
+        da, db = json.loads(a["choice_distribution"]), json.loads(b["choice_distribution"])
+        assert a["score"] == b["score"], (a["id"], da, db)
+        assert max(abs(da[k] - db[k]) for k in da) < 0.02, (a["id"], da, db)

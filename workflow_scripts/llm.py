@@ -443,7 +443,7 @@ class VLLMBackend:
         return texts
 
     def choose(self, prompts: list[list[dict]], options: list[str]) -> list[dict]:
-        """HFBackend.choose on vLLM: every prompt + option as one token prompt, scored with prompt_logprobs=0 (the
+        """HFBackend.choose on vLLM: every prompt + option as one token prompt, scored with prompt_logprobs (the
         log-probability of each prompt token; the engine's prefix cache computes the shared prompt once)."""
         from vllm import SamplingParams
 
@@ -461,7 +461,7 @@ class VLLMBackend:
             from vllm.lora.request import LoRARequest
 
             lora = LoRARequest("adapter", 1, self.adapter)
-        outputs = self.llm.generate(requests, SamplingParams(max_tokens=1, prompt_logprobs=0), lora_request=lora)
+        outputs = self.llm.generate(requests, SamplingParams(max_tokens=1, prompt_logprobs=1), lora_request=lora)
         sums = [sum(out.prompt_logprobs[start + k][tok].logprob for k, tok in enumerate(cont))
                 for out, (start, cont) in zip(outputs, spans, strict=True)]
         n = len(options)
