@@ -216,7 +216,8 @@ def test_shipped_sweeps_and_mix_experiments_are_planned(tmp_path):
               ).stdout
     assert "rule random_select:" in out and "rule filter_measures:" in out
     cfg = yaml.safe_load((REPO / "config.yaml").read_text())
-    assert set(cfg["sweeps"]) == {"demo_mix", "gsm8k_mix"}
+    assert set(cfg["sweeps"]) == {"demo_mix", "gsm8k_mix", "forgetfilter_harmfulqa", "forgetfilter_bbq"}
+    assert set(cfg["sweeps"]["demo_mix"]["axes"]["chain"]) == {"none", "random", "seal", "forgetfilter"}
 
 
 def test_sweep_report_marks_points_separated_from_the_no_method_line(tmp_path):
