@@ -178,3 +178,43 @@ def test_vllm_choice_matches_hf(vllm_python, smollm2, hf_base, tmp_path):
         da, db = json.loads(a["choice_distribution"]), json.loads(b["choice_distribution"])
         assert a["score"] == b["score"], (a["id"], da, db)
         assert max(abs(da[k] - db[k]) for k in da) < 0.02, (a["id"], da, db)
+
+
+def test_vllm_moderation_classifier_matches_hf(vllm_python, tmp_path):
+    """A guard of the sequence-classification kind (issue 16) on vLLM's pooling runner against transformers:
+    the same per-answer probabilities on a small random multi-label Llama classifier."""
+    import pyarrow as pa
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    tok = models.build_tiny_tokenizer()
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, max_position_embeddings=512,
+                         num_labels=3, id2label={0: "violence", 1: "privacy", 2: "fraud"},
+                         label2id={"violence": 0, "privacy": 1, "fraud": 2},
+                         problem_type="multi_label_classification")
+    model_dir = tmp_path / "classifier"
+    LlamaForSequenceClassification(config).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    ids = [f"p{i}" for i in range(len(PROMPTS))]
+    table = pa.table({"id": ids, "messages": [[{"role": "user", "content": p}] for p in PROMPTS],
+                      "completion": [f"answer {i}" for i in range(len(PROMPTS))], "reference": [None] * len(ids)})
+    gens = tmp_path / "gens.parquet"
+    pq.write_table(table.replace_schema_metadata({"safeft": json.dumps({"backend": "hf", "params": {}})}), gens)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
+           "DO_NOT_TRACK": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    rows = {}
+    for name, python in (("hf", Path(sys.executable)), ("vllm", vllm_python)):
+        out = tmp_path / f"{name}.json"
+        cmd = [str(python), "-m", "workflow_scripts.judge", "guard", "--generations", str(gens), "--backend", name,
+               "--model", str(model_dir), "--kind", "classifier", "--dtype", "float32", "--output", str(out)]
+        if name == "vllm":
+            cmd.append("--enforce_eager")
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
+        assert proc.returncode == 0, f"{name} guard failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        rows[name] = pq.read_table(out.with_suffix(".examples.parquet")).to_pylist()
+    for a, b in zip(rows["hf"], rows["vllm"], strict=True):
+        pa_, pb = json.loads(a["detail"]), json.loads(b["detail"])
+        assert max(abs(pa_[k] - pb[k]) for k in pa_) < 1e-3, (a["id"], pa_, pb)

@@ -434,9 +434,14 @@ def guard_main(args) -> None:
         generations = load_generations(args.generations, args.seeds, args.limit)
         endpoint = endpoint_from_args(args)
         if args.kind == "classifier":
-            if endpoint.backend != "hf":
-                raise ValueError("a classifier guard runs on the hf backend (a local sequence-classification model)")
-            model = guard.ModerationClassifier(endpoint.model, threads=args.threads)
+            if endpoint.backend == "hf":
+                model = guard.ModerationClassifier(endpoint.model, threads=args.threads)
+            elif endpoint.backend == "vllm":
+                model = guard.VLLMModerationClassifier(
+                    endpoint.model, dtype=endpoint.dtype, tensor_parallel_size=endpoint.tensor_parallel_size,
+                    max_model_len=endpoint.max_model_len, enforce_eager=endpoint.enforce_eager)
+            else:
+                raise ValueError("a classifier guard needs a local sequence-classification model (hf, vllm)")
             items = [model.items(rows, args.threshold) for _, _, rows, _ in generations]
         else:
             if endpoint.backend not in ("hf", "vllm"):
