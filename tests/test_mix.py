@@ -178,14 +178,21 @@ def test_sweep_points_fill_placeholders_and_append_chains():
         sweeps.sweep_points("bad", {"experiment": {"x": "{lr}"}, "axes": {"lr": {"a": {}}}})
 
 
-def test_a_sweep_expands_into_experiments_that_snakemake_plans_and_measures(tmp_path):
+def mixes_config(plain: str = "none", **extra) -> dict:
+    """The tiny config with a `mixes` sweep: harmful ratio 0 or 0.25 x {plain line, random selection}."""
     cfg = yaml.safe_load(TINY.read_text())
     cfg["datasets"]["tiny_unsafe"] = {"generator": "unsafe_compliance", "n": 8}
     cfg["sweeps"] = {"mixes": {
         "experiment": {"model": "tiny_aligned", "train": "tiny_math_train", "recipe": "tiny",
                        "methods": [{"method": "mix", "unsafe": "tiny_unsafe", "ratio": "{ratio}", "n": 16}],
                        "eval": {"safe_rate": "tiny_harmful"}},
-        "axes": {"ratio": [0, 0.25], "chain": {"none": {}, "random": {"methods": [{"method": "random_select"}]}}}}}
+        "axes": {"ratio": [0, 0.25], "chain": {plain: {}, "random": {"methods": [{"method": "random_select"}]}}},
+        **extra}}
+    return cfg
+
+
+def test_a_sweep_expands_into_experiments_that_snakemake_plans_and_measures(tmp_path):
+    cfg = mixes_config()
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))  # axis order names the points
     targets = [f"results/mixes_ratio{r}__{c}/safe_rate.json" for r in (0, 0.25) for c in ("none", "random")]
     out = smk(tmp_path, "-n", *targets, "--configfile", str(tmp_path / "cfg.yaml")).stdout
@@ -272,14 +279,7 @@ def test_mix_and_random_select_clis(tmp_path, capsys):
 
 
 def test_a_sweep_may_name_its_plot_axis_and_baseline_line(tmp_path):
-    cfg = yaml.safe_load(TINY.read_text())
-    cfg["datasets"]["tiny_unsafe"] = {"generator": "unsafe_compliance", "n": 8}
-    cfg["sweeps"] = {"mixes": {
-        "experiment": {"model": "tiny_aligned", "train": "tiny_math_train", "recipe": "tiny",
-                       "methods": [{"method": "mix", "unsafe": "tiny_unsafe", "ratio": "{ratio}", "n": 16}],
-                       "eval": {"safe_rate": "tiny_harmful"}},
-        "axes": {"ratio": [0, 0.25], "chain": {"plain": {}, "random": {"methods": [{"method": "random_select"}]}}},
-        "x": "ratio", "baseline": "plain"}}
+    cfg = mixes_config("plain", x="ratio", baseline="plain")
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     out = smk(tmp_path, "-n", "-p", "results/sweeps/mixes", "--configfile", str(tmp_path / "cfg.yaml")).stdout
     assert "--x ratio --baseline_line plain" in out
