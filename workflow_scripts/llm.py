@@ -223,8 +223,15 @@ class HFBackend:
         self.device = device
         self.last_batch_size: int | None = None
 
-    def render(self, prompts: list[list[dict]]) -> list[str]:
-        return [self.tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
+    def render(self, prompts: list[list[dict] | str]) -> list[str]:
+        """Chat prompts through the chat template; a string is a raw-text prompt (a base model's completion)."""
+        return [p if isinstance(p, str) else self.tokenizer.apply_chat_template(p, add_generation_prompt=True,
+                                                                               tokenize=False) for p in prompts]
+
+    def token_ids(self, prompts: list[list[dict] | str], texts: list[str]) -> list[list[int]]:
+        """A chat template writes its own special tokens; a raw-text prompt gets the tokenizer's (e.g. BOS)."""
+        return [self.tokenizer(t, add_special_tokens=isinstance(p, str))["input_ids"]
+                for p, t in zip(prompts, texts, strict=True)]
 
     def batch_size_for(self, n_prompts: int, longest: int, params: GenParams) -> int:
         if params.batch_size != "auto":
@@ -236,7 +243,7 @@ class HFBackend:
         import torch
 
         texts = self.render(prompts)
-        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        ids = self.token_ids(prompts, texts)
         # Longest first: similar lengths share a batch (less padding), and an out-of-memory shows up at once.
         order = sorted(range(len(texts)), key=lambda i: -len(ids[i]))
         out: list[str | None] = [None] * len(texts)
@@ -435,7 +442,11 @@ class VLLMBackend:
             from vllm.lora.request import LoRARequest
 
             lora = LoRARequest("adapter", 1, self.adapter)
-        outputs = self.llm.chat(prompts, SamplingParams(**vllm_sampling_args(params)), lora_request=lora)
+        sampling = SamplingParams(**vllm_sampling_args(params))
+        if prompts and all(isinstance(p, str) for p in prompts):  # raw-text prompts: a base model's completion
+            outputs = self.llm.generate(prompts, sampling, lora_request=lora)
+        else:
+            outputs = self.llm.chat(prompts, sampling, lora_request=lora)
         texts = [o.outputs[0].text for o in outputs]
         if on_result:
             for i, text in enumerate(texts):

@@ -24,10 +24,12 @@ SCHEMA = """CREATE TABLE IF NOT EXISTS answers (
     key TEXT PRIMARY KEY, model TEXT NOT NULL, request TEXT NOT NULL, answer TEXT NOT NULL, created REAL NOT NULL)"""
 
 
-def request_json(model_id: str, messages: list[dict], params, choice: int = 0) -> str:
-    """The canonical text of a request: only what changes the answer, keys sorted, no whitespace."""
-    req = {"model": model_id,
-           "messages": [{k: v for k, v in m.items() if v is not None} for m in messages],
+def request_json(model_id: str, messages: list[dict] | str, params, choice: int = 0) -> str:
+    """The canonical text of a request: only what changes the answer, keys sorted, no whitespace. A string is a
+    raw-text prompt (a base model's completion), keyed apart from any chat."""
+    prompt = ({"prompt": messages} if isinstance(messages, str)
+              else {"messages": [{k: v for k, v in m.items() if v is not None} for m in messages]})
+    req = {"model": model_id, **prompt,
            "max_new_tokens": int(params.max_new_tokens), "temperature": float(params.temperature),
            "top_p": float(params.top_p), "seed": int(params.seed), "choice": int(choice)}
     return json.dumps(req, sort_keys=True, ensure_ascii=False, separators=(",", ":"))

@@ -13,6 +13,9 @@ from workflow_scripts.io import DataError, read_table
 
 IGNORE = -100
 FINETUNE = ("lora", "full")
+# chat: conversations through the tokenizer's chat template; text: one user turn as raw text and the answer right
+# after it (a base model's completion, e.g. ReverseGen's proposer), with the tokenizer's BOS and an EOS at the end.
+PROMPT_FORMATS = ("chat", "text")
 # Recipe keys renamed since: the old name is an error that says what to write instead.
 RENAMED = {"method": "finetune"}
 
@@ -24,6 +27,8 @@ def recipe_problems(recipe: dict, where: str = "recipe") -> list[str]:
     if recipe.get("finetune", "lora") not in FINETUNE:
         problems.append(f"{where}.finetune: must be lora or full, not {recipe['finetune']!r}")
     objective = recipe.get("objective", "sft")
+    if recipe.get("prompt_format", "chat") not in PROMPT_FORMATS:
+        problems.append(f"{where}.prompt_format: must be chat or text, not {recipe['prompt_format']!r}")
     if objective not in OBJECTIVES:
         problems.append(f"{where}.objective: unknown objective {objective!r} ({', '.join(OBJECTIVES)})")
     if recipe.get("continue_adapter") and objective == "dpo":
@@ -72,11 +77,31 @@ def encode_example(tokenizer, messages: list[dict], max_length: int) -> dict:
     return {"input_ids": full_ids, "attention_mask": [1] * len(full_ids), "labels": labels}
 
 
-def encode_table(tokenizer, table: pa.Table, max_length: int, path: str = "<table>") -> list[dict]:
+def text_parts(messages: list[dict]) -> tuple[str, str]:
+    """(prompt, answer) of a prompt_format text example: one user turn, then the assistant turn."""
+    if [m["role"] for m in messages] != ["user", "assistant"]:
+        raise ValueError("prompt_format text takes one user turn (the raw prompt) and the assistant turn")
+    return messages[0]["content"], messages[1]["content"]
+
+
+def encode_text_example(tokenizer, messages: list[dict], max_length: int) -> dict:
+    """Token ids of a raw-text prompt (with the tokenizer's own special tokens, e.g. BOS) and its answer followed
+    by EOS, with labels only on the answer: a base model learns to complete the prompt and stop."""
+    prompt, answer = text_parts(messages)
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = (prompt_ids + answer_ids)[:max_length]
+    labels = ([IGNORE] * len(prompt_ids) + answer_ids)[:max_length]
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+
+
+def encode_table(tokenizer, table: pa.Table, max_length: int, path: str = "<table>",
+                 prompt_format: str = "chat") -> list[dict]:
+    encode = encode_text_example if prompt_format == "text" else encode_example
     out = []
     for row, messages in enumerate(table.column("messages").to_pylist()):
         try:
-            ex = encode_example(tokenizer, messages, max_length)
+            ex = encode(tokenizer, messages, max_length)
         except ValueError as err:
             raise DataError(path, row, "messages", str(err)) from err
         if all(label == IGNORE for label in ex["labels"]):
@@ -95,7 +120,7 @@ class SFT:
         """The training examples of all tables, checked before any model is loaded; errors name file and row."""
         out = []
         for path in paths:
-            out += encode_table(tokenizer, read_table(path), recipe["max_length"], path)
+            out += encode_table(tokenizer, read_table(path), recipe["max_length"], path, recipe["prompt_format"])
         return out
 
     def arguments(self, recipe: dict, **kwargs):
@@ -179,7 +204,7 @@ class WeightedSFT(SFT):
             if column not in table.column_names:
                 raise DataError(path, None, column, f"missing column: objective weighted_sft reads each example's "
                                                     f"weight from it (recipe weight_column: {column})")
-            examples = encode_table(tokenizer, table, recipe["max_length"], path)
+            examples = encode_table(tokenizer, table, recipe["max_length"], path, recipe["prompt_format"])
             ids = table.column("id").to_pylist()
             for row, (ex, weight) in enumerate(zip(examples, table.column(column).to_pylist(), strict=True)):
                 if not isinstance(weight, int | float) or not math.isfinite(weight) or weight < 0:
@@ -222,6 +247,14 @@ def read_preferences(path: str) -> list[dict]:
     return out
 
 
+def as_text(pair: dict) -> dict:
+    """A chat-form pair as prompt_format text strings: the one user turn, and each single assistant answer."""
+    if len(pair["prompt"]) != 1 or any(len(pair[c]) != 1 for c in ("chosen", "rejected")):
+        raise ValueError("prompt_format text takes one user turn and one answer each for chosen and rejected")
+    return {"prompt": pair["prompt"][0]["content"], "chosen": pair["chosen"][0]["content"],
+            "rejected": pair["rejected"][0]["content"]}
+
+
 def dpo_trainer_class():
     from trl import DPOTrainer
 
@@ -244,9 +277,19 @@ class DPO:
         for path in paths:
             pairs = read_preferences(path)
             for row, pair in enumerate(pairs):
+                if recipe["prompt_format"] == "text":
+                    # Plain strings: TRL then tokenises them as they are and ends each answer with EOS.
+                    try:
+                        pair.update(as_text(pair))
+                    except ValueError as err:
+                        raise DataError(path, row, "prompt", f"id {pair['id']!r}: {err}") from err
+                    prompt, special = pair["prompt"], True
+                else:
+                    prompt = tokenizer.apply_chat_template(pair["prompt"], add_generation_prompt=True,
+                                                           tokenize=False)
+                    special = False
                 # TRL drops such pairs silently; here the row is named instead.
-                prompt = tokenizer.apply_chat_template(pair["prompt"], add_generation_prompt=True, tokenize=False)
-                if len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) >= recipe["max_length"]:
+                if len(tokenizer(prompt, add_special_tokens=special)["input_ids"]) >= recipe["max_length"]:
                     raise DataError(path, row, "prompt", f"id {pair['id']!r}: no answer tokens left within "
                                                          f"max_length={recipe['max_length']}")
             out += pairs

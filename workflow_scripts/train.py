@@ -28,7 +28,8 @@ DEFAULT_RECIPE = {
     "max_length": 512, "warmup_ratio": 0.0, "scheduler": "linear", "weight_decay": 0.0, "lora_r": 16,
     "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear", "merge": False, "deepspeed": None,
     "dtype": "auto", "gradient_checkpointing": False, "checkpoint_steps": 200, "global_batch_size": None,
-    "report_to": "none", "max_steps": None, "continue_adapter": False,
+    "report_to": "none", "max_steps": None, "continue_adapter": False, "optim": "adamw_torch", "warmup_steps": None,
+    "prompt_format": "chat",
 }
 
 
@@ -242,7 +243,9 @@ def train(base_model: str, data_paths: list[str], out_dir: str, recipe: dict, se
         max_steps=recipe["max_steps"] or -1,
         learning_rate=recipe["lr"], per_device_train_batch_size=recipe["batch_size"],
         gradient_accumulation_steps=grad_accum_steps(recipe, int(os.environ.get("WORLD_SIZE", "1"))),
-        warmup_steps=recipe["warmup_ratio"],
+        # transformers reads a warmup_steps below 1 as a share of the steps: warmup_ratio, unless steps are given.
+        warmup_steps=recipe["warmup_steps"] if recipe["warmup_steps"] is not None else recipe["warmup_ratio"],
+        optim=recipe["optim"],
         lr_scheduler_type=recipe["scheduler"], weight_decay=recipe["weight_decay"],
         logging_steps=max(1, len(examples) // (recipe["batch_size"] * recipe["grad_accum"] * 10)),
         # Optimiser state is kept with the weights so a resumed run continues the same trajectory.
