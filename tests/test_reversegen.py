@@ -298,8 +298,12 @@ def test_a_killed_loop_resumes_in_the_round_it_stopped_in(rg_run, tmp_path, judg
     shutil.copytree(rg_run, work, symlinks=True)
     cfg = rg_config(work / "cfg.yaml", judge_server.url)
     folder = work / "data/tiny_rg/steps/1_reversegen"
-    for stale in ("models/tiny_rg", "checkpoints", "results/tiny_rg", "data/tiny_rg"):
+    # Round 1 stays done; everything from round 2 on is run again and killed in the middle of round 2.
+    for stale in ("models/tiny_rg/reversegen_1/proposer2", "checkpoints", "results/tiny_rg"):
         shutil.rmtree(work / stale, ignore_errors=True)
+    for stale in [*folder.glob("round[23].*"), folder / "responses.parquet", work / "data/tiny_rg/train.parquet",
+                  *(work / "data/tiny_rg/steps").glob("1_reversegen.*")]:
+        stale.unlink()
     env = {**os.environ, "PYTHONPATH": str(REPO),
            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
     cmd = [*SNAKEMAKE, "--directory", str(work), "--cores", "1", *TARGETS, "--configfile", cfg]
@@ -307,7 +311,7 @@ def test_a_killed_loop_resumes_in_the_round_it_stopped_in(rg_run, tmp_path, judg
                             start_new_session=True)
     try:
         deadline = time.time() + 300
-        # Killed once round 2's proposals exist: round 2 is under way (dedup, labels or DPO).
+        # Killed once round 2's proposals exist: round 2 is under way (its dedup or labels).
         while time.time() < deadline and not (folder / "round2.proposals.parquet").exists():
             assert proc.poll() is None, "the run ended before it could be killed"
             time.sleep(0.2)
@@ -318,7 +322,7 @@ def test_a_killed_loop_resumes_in_the_round_it_stopped_in(rg_run, tmp_path, judg
             os.killpg(proc.pid, signal.SIGKILL)
     assert not (work / "results/tiny_rg/rounds.json").exists()
     done_before = {p.name: p.stat().st_mtime for p in folder.glob("round1.*")}
-    assert "round1.pairs.parquet" in done_before
+    assert "round1.pairs.parquet" in done_before and not (folder / "round2.pairs.parquet").exists()
     smk(work, "--cores", "2", "--rerun-incomplete", *TARGETS, "--configfile", cfg)
     # round 1 was not run again; everything after it came out as in the uninterrupted run
     assert {p.name: p.stat().st_mtime for p in folder.glob("round1.*")} == done_before
