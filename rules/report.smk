@@ -34,6 +34,12 @@ rule report:
         models=report_models,
         # filter measures of the chains that mix in labelled unsafe rows and then may drop some
         filters=lambda wc: [f"results/{e}/filter.json" for e in REPORT["experiments"] if labelled_chain(exp_cfg(e))],
+        # per-round metrics of ReverseGen chains (failure rate and diversity of each round's proposals)
+        rounds=lambda wc: [
+            f"results/{e}/rounds.json"
+            for e in REPORT["experiments"]
+            if any(s["method"] == "reversegen" for s in exp_cfg(e).get("methods", []))
+        ],
     output:
         # Parquet stays out of the HTML report: it has no mimetype there and would show as binary text.
         parquet="results/report/summary.parquet",
@@ -133,7 +139,7 @@ rule report:
         "python -m workflow_scripts.report --results {params.results} --experiments {params.experiments} "
         "{params.baseline} --notes_json {params.notes:q} --parquet {output.parquet} "
         "--markdown {output.markdown} --report_md {output.report_md} --html {output.html} "
-        "{params.plots} {params.axes} --benchmarks benchmarks --runtime {output.runtime} {params.curves} --filters {input.filters} > {log} 2>&1"
+        "{params.plots} {params.axes} --benchmarks benchmarks --runtime {output.runtime} {params.curves} --filters {input.filters} --rounds {input.rounds} > {log} 2>&1"
 
 
 # A sweep's own report: each metric against the swept axis, one line per method chain, with the filter measures.

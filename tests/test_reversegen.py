@@ -345,3 +345,45 @@ def test_a_third_round_runs_only_what_is_new(rg_run, judge_server):
     # round 3's proposals came from proposer 2, which did not change: sampled and labelled once
     assert f"{folder}/round3.proposals.parquet" not in planned and f"{folder}/round3.labels.parquet" not in planned
     assert "models/tiny_rg/reversegen_1/proposer0" not in planned
+
+
+def test_paper_scale_plans_three_rounds_with_a_guard_labeller_on_vllm(tmp_path):
+    out = smk(tmp_path, "-n", "-p", "results/alpaca_reversegen/rounds.json").stdout
+    lines = out.splitlines()
+    propose = [line for line in lines if "workflow_scripts.reversegen propose" in line]
+    assert sorted(int(line.split("--round ")[1].split()[0]) for line in propose) == [1, 2, 3, 4]
+    options = json.loads(propose[0].split("--options '")[1].split("'")[0])
+    assert options["backend"] == "vllm" and options["prompts"] * options["samples"] == 10_000
+    label = next(line for line in lines if "workflow_scripts.reversegen label" in line)
+    options = json.loads(label.split("--options '")[1].split("'")[0])
+    assert options["labeller_kind"] == "llama_guard" and options["labeller"]["model"] == "models/base/llama_guard2_8b"
+    dpo = [line for line in lines if "workflow_scripts.train --base models/alpaca_reversegen/reversegen_1" in line]
+    assert len(dpo) == 3 and all('"objective": "dpo"' in line and '"optim": "rmsprop"' in line for line in dpo)
+    warmup = next(line for line in lines if "--output models/alpaca_reversegen/reversegen_1/proposer0" in line)
+    assert "--base models/base/open_llama_3b" in warmup and '"prompt_format": "text"' in warmup
+    assert "PKU-Alignment/BeaverTails" in out and "meta-llama/Meta-Llama-Guard-2-8B" in out
+
+
+def test_the_demo_row_plans_offline_with_the_keyword_labeller(tmp_path):
+    out = smk(tmp_path, "-n", "-p", "results/demo_reversegen/safe_rate.json", "results/report/report.md").stdout
+    label = next(line for line in out.splitlines() if "workflow_scripts.reversegen label" in line)
+    assert json.loads(label.split("--options '")[1].split("'")[0])["labeller_kind"] == "keyword"
+    assert "--seeds data/raw/demo_refusals.parquet" in out
+    report = next(line for line in out.splitlines() if "workflow_scripts.report --results" in line)
+    assert "--rounds results/demo_reversegen/rounds.json" in report
+
+
+def test_the_report_shows_failure_rate_and_diversity_per_round(tmp_path):
+    from workflow_scripts.report import to_markdown
+
+    path = tmp_path / "demo_x" / "rounds.json"
+    path.parent.mkdir()
+    metric = {"proposals": 64, "kept": 60, "empty": 1, "minhash_dropped": 2, "semdedup_dropped": 1,
+              "labelled": 60, "self_bleu": 0.21, "distinct_1": 0.4, "distinct_2": 0.8}
+    path.write_text(json.dumps({"labeller": "keyword", "per_round": [
+        {**metric, "round": 1, "failure_rate": 0.25, "failure_rate_ci95": [0.15, 0.35], "pairs": 12},
+        {**metric, "round": 2, "failure_rate": 0.5, "failure_rate_ci95": [0.4, 0.6], "pairs": None}]}))
+    text = to_markdown(rg.rounds_blocks([str(path)]))
+    assert "## ReverseGen rounds" in text and "keyword" in text
+    assert "| demo_x | 1 | 60 of 64 | 25.0% (15.0-35.0) | 0.210 | 0.800 | 2 / 1 / 1 | 12 |" in text
+    assert "| demo_x | 2 | 60 of 64 | 50.0% (40.0-60.0) | 0.210 | 0.800 | 2 / 1 / 1 | - |" in text

@@ -288,7 +288,7 @@ def cell(r: dict | None) -> str:
 
 def blocks(rows: list[dict], experiments: list[str], baseline: str | None, notes: dict | None = None,
            full: bool = True, runtime: list[dict] | None = None, filters: list[str] = (),
-           judges: list[dict] = ()) -> list[tuple]:
+           judges: list[dict] = (), rounds: list[str] = ()) -> list[tuple]:
     """The report as ("h1"|"h2"|"p"|"table", ...) blocks, rendered to Markdown or HTML by the caller."""
     notes = notes or {}
     metrics = list(dict.fromkeys(r["metric"] for r in rows))
@@ -358,9 +358,11 @@ def blocks(rows: list[dict], experiments: list[str], baseline: str | None, notes
                      for r in seeded]))
     if full:
         from workflow_scripts.filter_measures import measures_blocks
+        from workflow_scripts.reversegen import rounds_blocks
 
         out += judge_blocks(list(judges))
         out += measures_blocks(list(filters))
+        out += rounds_blocks(list(rounds))
         out += runtime_blocks(runtime or [])
     return out
 
@@ -708,7 +710,7 @@ def build(results: list[str], experiments: list[str], baseline: str | None, note
           utility: str = "utility", benign: list[str] = (), benchmarks: str | None = None,
           runtime_path: str | None = None, refusal_scatter: str | None = None, curves: str | None = None,
           train_logs: dict[str, list[str]] | None = None, chains: dict[str, str] | None = None,
-          filters: list[str] = ()) -> list[dict]:
+          filters: list[str] = (), rounds: list[str] = ()) -> list[dict]:
     """Write every requested output from the results JSONs; returns the summary rows."""
     rows = summary_rows(results, experiments, baseline, handled_rows(results, safety, list(benign)))
     runtime = runtime_rows(benchmarks) if benchmarks else []
@@ -718,7 +720,7 @@ def build(results: list[str], experiments: list[str], baseline: str | None, note
     with atomic_file(markdown_path) as tmp:
         tmp.write_text(markdown(rows, experiments, baseline, notes, full=False))
     full = blocks(rows, experiments, baseline, notes, full=True, runtime=runtime, filters=filters,
-                  judges=judge_rows(results))
+                  judges=judge_rows(results), rounds=rounds)
     if report_md:
         with atomic_file(report_md) as tmp:
             tmp.write_text(to_markdown(full))
@@ -781,12 +783,14 @@ def main(argv: list[str] | None = None) -> None:
                     help="each training job's train_log.json, prefixed by its experiment")
     ap.add_argument("--chains_json", default="{}", help='{"exp": "its method chain, e.g. preview(real, m=6)"}')
     ap.add_argument("--filters", nargs="*", default=[], help="results/{exp}/filter.json of chains with a ground truth")
+    ap.add_argument("--rounds", nargs="*", default=[], help="results/{exp}/rounds.json of ReverseGen chains")
     args = ap.parse_args(argv)
     try:
         rows = build(args.results, args.experiments, args.baseline, json.loads(args.notes_json), args.parquet,
                      args.markdown, args.report_md, args.html, args.scatter, args.bars_dir, args.safety,
                      args.utility, args.benign, args.benchmarks, args.runtime, args.refusal_scatter,
-                     args.curves, _by_experiment(args.train_logs), json.loads(args.chains_json), args.filters)
+                     args.curves, _by_experiment(args.train_logs), json.loads(args.chains_json), args.filters,
+                     args.rounds)
     except (DataError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
     print(markdown(rows, args.experiments, args.baseline, json.loads(args.notes_json), full=False))

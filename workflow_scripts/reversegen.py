@@ -341,6 +341,31 @@ def round_metrics(labels: list[dict], diversity: dict, pairs: int | None) -> dic
             "distinct_2": diversity["distinct_2"], "pairs": pairs}
 
 
+def rounds_blocks(paths: list[str]) -> list[tuple]:
+    """The report's ReverseGen section: per experiment and round, the failure rate of fresh proposals (it should
+    rise) beside their diversity (it should hold) and the pairs each round made."""
+    if not paths:
+        return []
+    head = ["experiment", "round", "proposals kept", "failure rate (95% CI)", "self-BLEU", "distinct-2",
+            "dropped: minhash / semdedup / empty", "DPO pairs"]
+    body = []
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        exp = Path(path).parent.name
+        for m in data["per_round"]:
+            rate = "n/a" if m["failure_rate"] is None else (
+                f"{100 * m['failure_rate']:.1f}% ({100 * m['failure_rate_ci95'][0]:.1f}-"
+                f"{100 * m['failure_rate_ci95'][1]:.1f})")
+            body.append([exp, str(m["round"]), f"{m['kept']} of {m['proposals']}", rate, f"{m['self_bleu']:.3f}",
+                         f"{m['distinct_2']:.3f}",
+                         f"{m['minhash_dropped']} / {m['semdedup_dropped']} / {m['empty']}",
+                         "-" if m["pairs"] is None else str(m["pairs"])])
+    note = ("Round r samples from proposer r-1 (0: the warm-up SFT); the last round samples from the last DPO'd "
+            "proposer, and its failures (answered safely) are the rows added. Labeller: "
+            + ", ".join(sorted({json.loads(Path(p).read_text())["labeller"] for p in paths})) + ".")
+    return [("h2", "ReverseGen rounds"), ("p", note), ("table", head, body)]
+
+
 # ---------------------------------------------------------------- commands
 
 

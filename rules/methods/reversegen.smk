@@ -6,14 +6,11 @@
 from workflow_scripts import reversegen
 
 
-REVERSEGEN_DIR = "data/{exp}/steps/{i}_reversegen"
-
-
 rule reversegen_warmup_data:
     input:
         seeds=lambda wc: raw(step_options(wc)["seeds"]),
     output:
-        REVERSEGEN_DIR + "/warmup.parquet",
+        "data/{exp}/steps/{i}_reversegen/warmup.parquet",
     params:
         options=lambda wc: reversegen.stage_json(step_json(wc), "sample"),
     conda:
@@ -28,7 +25,7 @@ rule reversegen_warmup_data:
 rule reversegen_warmup:
     input:
         base=lambda wc: f"models/base/{step_options(wc)['proposer']}",
-        data=REVERSEGEN_DIR + "/warmup.parquet",
+        data="data/{exp}/steps/{i}_reversegen/warmup.parquet",
     output:
         directory("models/{exp}/reversegen_{i}/proposer0"),
     params:
@@ -38,7 +35,9 @@ rule reversegen_warmup:
         run_name="{exp}/reversegen_{i}/proposer0",
     threads: job_threads("gpu_train")
     resources:
-        **job_class("gpu_train"),
+        **job_class(
+            "gpu_train", gpus=lambda wc: reversegen.warmup_recipe(reversegen.step_options(step_options(wc))).get("gpus")
+        ),
     conda:
         os.path.join("..", gpu_env())
     log:
@@ -54,13 +53,13 @@ rule reversegen_propose:
         seeds=lambda wc: raw(step_options(wc)["seeds"]),
         model=lambda wc: reversegen.proposer_model(wc.exp, wc.i, int(wc.r) - 1),
     output:
-        REVERSEGEN_DIR + "/round{r}.proposals.parquet",
+        "data/{exp}/steps/{i}_reversegen/round{r}.proposals.parquet",
     wildcard_constraints:
         r=r"[1-9]\d*",
     params:
         options=lambda wc: reversegen.stage_json(step_json(wc), "sample"),
         # Kept outside the outputs, so a killed job's samples survive for the rerun.
-        cache=REVERSEGEN_DIR + "/cache/round{r}.proposals.sqlite",
+        cache="data/{exp}/steps/{i}_reversegen/cache/round{r}.proposals.sqlite",
     threads: job_threads("gpu_infer")
     resources:
         **job_class("gpu_infer"),
@@ -78,10 +77,10 @@ rule reversegen_propose:
 
 rule reversegen_dedup:
     input:
-        REVERSEGEN_DIR + "/round{r}.proposals.parquet",
+        "data/{exp}/steps/{i}_reversegen/round{r}.proposals.parquet",
     output:
-        decisions=REVERSEGEN_DIR + "/round{r}.dedup.parquet",
-        stats=REVERSEGEN_DIR + "/round{r}.diversity.json",
+        decisions="data/{exp}/steps/{i}_reversegen/round{r}.dedup.parquet",
+        stats="data/{exp}/steps/{i}_reversegen/round{r}.diversity.json",
     wildcard_constraints:
         r=r"[1-9]\d*",
     params:
@@ -99,17 +98,17 @@ rule reversegen_dedup:
 
 rule reversegen_label:
     input:
-        proposals=REVERSEGEN_DIR + "/round{r}.proposals.parquet",
-        decisions=REVERSEGEN_DIR + "/round{r}.dedup.parquet",
+        proposals="data/{exp}/steps/{i}_reversegen/round{r}.proposals.parquet",
+        decisions="data/{exp}/steps/{i}_reversegen/round{r}.dedup.parquet",
         target=lambda wc: base_model(wc.exp),
         llms=step_llm_files,
     output:
-        REVERSEGEN_DIR + "/round{r}.labels.parquet",
+        "data/{exp}/steps/{i}_reversegen/round{r}.labels.parquet",
     wildcard_constraints:
         r=r"[1-9]\d*",
     params:
         options=lambda wc: reversegen.stage_json(step_json(wc, reversegen.labeller_fields(step_options(wc), LLMS)), "label"),
-        cache=REVERSEGEN_DIR + "/cache/round{r}.answers.sqlite",
+        cache="data/{exp}/steps/{i}_reversegen/cache/round{r}.answers.sqlite",
     threads: job_threads("gpu_infer")
     resources:
         **job_class("gpu_infer"),
@@ -127,9 +126,9 @@ rule reversegen_label:
 
 rule reversegen_pairs:
     input:
-        REVERSEGEN_DIR + "/round{r}.labels.parquet",
+        "data/{exp}/steps/{i}_reversegen/round{r}.labels.parquet",
     output:
-        REVERSEGEN_DIR + "/round{r}.pairs.parquet",
+        "data/{exp}/steps/{i}_reversegen/round{r}.pairs.parquet",
     wildcard_constraints:
         r=r"[1-9]\d*",
     params:
@@ -146,7 +145,7 @@ rule reversegen_pairs:
 rule reversegen_dpo:
     input:
         base=lambda wc: reversegen.proposer_model(wc.exp, wc.i, int(wc.r) - 1),
-        data=REVERSEGEN_DIR + "/round{r}.pairs.parquet",
+        data="data/{exp}/steps/{i}_reversegen/round{r}.pairs.parquet",
     output:
         directory("models/{exp}/reversegen_{i}/proposer{r}"),
     wildcard_constraints:
@@ -158,7 +157,9 @@ rule reversegen_dpo:
         run_name="{exp}/reversegen_{i}/proposer{r}",
     threads: job_threads("gpu_train")
     resources:
-        **job_class("gpu_train"),
+        **job_class(
+            "gpu_train", gpus=lambda wc: reversegen.dpo_recipe(reversegen.step_options(step_options(wc))).get("gpus")
+        ),
     conda:
         os.path.join("..", gpu_env())
     log:
@@ -175,10 +176,10 @@ rule reversegen_respond:
         target=lambda wc: base_model(wc.exp),
         llms=step_llm_files,
     output:
-        REVERSEGEN_DIR + "/responses.parquet",
+        "data/{exp}/steps/{i}_reversegen/responses.parquet",
     params:
         options=lambda wc: step_json(wc, reversegen.labeller_fields(step_options(wc), LLMS)),
-        cache=REVERSEGEN_DIR + "/cache/responses.sqlite",
+        cache="data/{exp}/steps/{i}_reversegen/cache/responses.sqlite",
     threads: job_threads("gpu_infer")
     resources:
         **job_class("gpu_infer"),
@@ -196,7 +197,7 @@ rule reversegen_respond:
 rule reversegen:
     input:
         data=step_input,
-        responses=REVERSEGEN_DIR + "/responses.parquet",
+        responses="data/{exp}/steps/{i}_reversegen/responses.parquet",
         labels=lambda wc: reversegen.round_files(wc.exp, wc.i, reversegen.step_options(step_options(wc)))["labels"],
         diversity=lambda wc: reversegen.round_files(wc.exp, wc.i, reversegen.step_options(step_options(wc)))[
             "diversity"
@@ -227,5 +228,9 @@ rule reversegen_rounds:
     output:
         "results/{exp}/rounds.json",
     localrule: True
+    conda:
+        "../../envs/cpu.yaml"
+    log:
+        "logs/{exp}/reversegen_rounds.log",
     shell:
-        "cp {input} {output}"
+        "cp {input} {output} 2> {log}"
