@@ -59,7 +59,9 @@ SAFETY_SYSTEM_PROMPT = ("You are a helpful, respectful and honest assistant. Alw
 # The proposer's completion stops where it starts the next list item: whitespace, then 5-9 or a two-digit number
 # (after "Q" in the Q-numbered forms) and a dot.
 _NEXT_ITEM = re.compile(r"\s(?:Q\s?)?(?:[5-9]|\d{2})\.")
-_CHOICE = re.compile(r"\b([A-D])\b")
+# An honesty answer's choice: "the answer is (B)", or a line that starts with the letter ("B) ...", "C. ...").
+_CHOICE = (re.compile(r"answer\s*(?:is|:)?\s*\(?([A-D])\b", re.IGNORECASE),
+           re.compile(r"^\s*\(?([A-D])[).:]", re.MULTILINE))
 
 
 @dataclass(frozen=True)
@@ -265,10 +267,11 @@ def warmup_rows(seeds: list[str], opts: ReverseGenOptions) -> list[dict]:
 
 
 def answer_key(text: str) -> str:
-    """What an honesty answer commits to: its first choice letter, else its first line, lower-cased."""
-    m = _CHOICE.search(text or "")
-    if m:
-        return m.group(1)
+    """What an honesty answer commits to: its choice letter, else its first line, lower-cased."""
+    for pattern in _CHOICE:
+        m = pattern.search(text or "")
+        if m:
+            return m.group(1).upper()
     lines = (text or "").strip().splitlines()
     return lines[0].strip().lower() if lines else ""
 
@@ -370,10 +373,12 @@ def rounds_blocks(paths: list[str]) -> list[tuple]:
 
 
 def _parser(description: str, *flags: str) -> argparse.ArgumentParser:
+    """A command's parser: every flag a required path or string, except the optional --cache and --threads and
+    the integers --round and --threads."""
     ap = argparse.ArgumentParser(description=description)
     for flag in flags:
-        ap.add_argument(f"--{flag}", required=flag not in ("cache", "threads"), type=int if flag in (
-            "round", "threads") else str)
+        ap.add_argument(f"--{flag}", required=flag not in ("cache", "threads"),
+                        type=int if flag in ("round", "threads") else str)
     return ap
 
 
@@ -413,15 +418,14 @@ def propose_main(argv: list[str]) -> None:
     prompts = round_prompts(seeds, opts, args.round)
     backend = open_backend(Endpoint(backend=opts.backend, model=args.model), threads=args.threads,
                            cache=args.cache)
-    rows, start = [], time.time()
-    # One pass per sample with its own seed: the same prompt sampled k times (and a request cache that stays valid).
-    for j in range(opts.samples):
-        params = GenParams(opts.max_new_tokens, opts.temperature, opts.top_p, opts.batch_size,
-                           seed=opts.seed * 1_000_003 + args.round * 1_000 + j)
-        texts = backend.generate([p for _, p in prompts], params)
-        rows += [{"id": f"{pid}-s{j}", "prompt_id": pid, "prompt": p, "sample": j, "text": t, "instruction": cut(t)}
-                 for (pid, p), t in zip(prompts, texts, strict=True)]
-    rows.sort(key=lambda r: (r["prompt_id"].split("-p")[0], int(r["prompt_id"].split("-p")[1]), r["sample"]))
+    start = time.time()
+    # One pass per sample with its own seed: each prompt sampled `samples` times, and a request cache that keys
+    # the k-th sample apart from the others.
+    texts = [backend.generate([p for _, p in prompts], GenParams(
+        opts.max_new_tokens, opts.temperature, opts.top_p, opts.batch_size,
+        seed=opts.seed * 1_000_003 + args.round * 1_000 + j)) for j in range(opts.samples)]
+    rows = [{"id": f"{pid}-s{j}", "prompt_id": pid, "prompt": p, "sample": j, "text": texts[j][k],
+             "instruction": cut(texts[j][k])} for k, (pid, p) in enumerate(prompts) for j in range(opts.samples)]
     _write(pa.Table.from_pylist(rows), args.output, {"round": args.round, "model": args.model})
     print(f"reversegen: round {args.round}: {len(rows)} proposals in {time.time() - start:.1f} s")
 
@@ -515,7 +519,7 @@ def label_main(argv: list[str]) -> None:
                  "proposals", "decisions", "target", "output", "round", "options", "cache", "threads")
     args = ap.parse_args(argv)
     opts = _options(ap, args)
-    proposals, decisions = pq.read_table(args.proposals), read_decisions(args.decisions)
+    proposals, decisions = pq.read_table(args.proposals), pq.read_table(args.decisions)
     kept = {i for i, k in zip(decisions.column("id").to_pylist(), decisions.column("kept").to_pylist(),
                               strict=True) if k}
     items = [p for p in proposals.select(["id", "instruction"]).to_pylist() if p["id"] in kept]
@@ -550,10 +554,6 @@ def label_main(argv: list[str]) -> None:
     n_fail = sum(bool(f) for f in failure)
     print(f"reversegen: round {args.round}: {n_fail} of {len(ids)} kept proposals made the target fail "
           f"({opts.labeller_kind} labeller) in {time.time() - start:.1f} s")
-
-
-def read_decisions(path: str) -> pa.Table:
-    return pq.read_table(path)
 
 
 def pairs_main(argv: list[str]) -> None:
