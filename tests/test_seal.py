@@ -2,6 +2,7 @@
 selector, top-p selection by id, and a killed selector run that resumes to the same selector."""
 
 import json
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -143,5 +144,73 @@ def test_paper_scale_seal_plans_on_the_gpu_class(tmp_path):
     command = next(line for line in out.splitlines() if "workflow_scripts.seal --input" in line)
     options = json.loads(command.split("--options '")[1].split("'")[0])
     assert options["safe"] == "data/raw/hh_rlhf_chosen.parquet" and options["p"] == 0.8
+    assert options["deepspeed"] == "deepspeed/zero3.json" and options["gpus"] == 4  # ZeRO-3 on 4 GPUs
     assert "models/base/llama3_8b_instruct" in command
     assert "Open-Orca/SlimOrca" in out and "--baseline_generations generations/orca_sft/" in out
+
+
+def test_batches_split_across_processes_and_the_deepspeed_config_is_filled(tmp_path):
+    assert seal.shard([5, 1, 7, 2], 0, 2) == [5, 7] and seal.shard([5, 1, 7, 2], 1, 2) == [1, 2]
+    assert seal.shard([3], 1, 2) == [3]  # a batch smaller than the world: every process uses it whole
+    path = tmp_path / "z3.json"
+    path.write_text(json.dumps({"bf16": {"enabled": "auto"}, "zero_optimization": {"stage": 3},
+                                "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+                                "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}))
+    config = seal.deepspeed_config(str(path), micro_batch=16, world=4, dtype="bfloat16")
+    assert config["train_batch_size"] == 64 and config["train_micro_batch_size_per_gpu"] == 16
+    assert config["gradient_accumulation_steps"] == 1 and config["gradient_clipping"] == 0.0
+    assert config["bf16"]["enabled"] is True and config["zero_optimization"] == {"stage": 3}
+
+
+SELECTOR_SCRIPT = """
+import json, os, sys
+from workflow_scripts import demo_data, seal
+from workflow_scripts.io import records_to_table
+base, out, stop_after, zero = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+ft = records_to_table(demo_data.math_set(8, 3, "ft"))
+safe = records_to_table(demo_data.refusal_set(8, 0))
+opts = seal.SealOptions(safe="safe", epochs=2, batch_size=2, lr=1e-3, checkpoint_steps=0, max_length=256,
+                        dtype="float32", deepspeed=zero)
+first = seal.train_selector(base, ft, safe, opts, out + "/ckpt", threads=1, stop_after=stop_after or None)
+# stopped: the same processes start again from the files, as a rerun of the job would
+result = first or seal.train_selector(base, ft, safe, opts, out + "/ckpt", threads=1)
+with open(f"{out}/rank{os.environ['RANK']}.json", "w") as f:
+    json.dump(result, f)
+"""
+
+
+def zero_selector(tiny_model_dir, out, procs, stop_after=0):
+    import os
+    import subprocess
+    import sys
+
+    script = out / "selector.py"
+    out.mkdir(parents=True, exist_ok=True)
+    script.write_text(SELECTOR_SCRIPT)
+    zero = str(Path(__file__).resolve().parents[1] / "deepspeed" / "zero3.json")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(procs), str(script), str(tiny_model_dir), str(out), str(stop_after), zero],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(procs)]
+
+
+def test_the_zero3_selector_is_the_same_algorithm_on_one_and_two_processes(tiny_model_dir, tmp_path):
+    ft, safe = small_sets(8, 8)
+    opts = seal.SealOptions(safe="safe", epochs=2, batch_size=2, lr=1e-3, checkpoint_steps=0, max_length=256,
+                            dtype="float32")
+    plain = seal.train_selector(str(tiny_model_dir), ft, safe, opts, threads=1)
+    [one] = zero_selector(tiny_model_dir, tmp_path / "one", 1)
+    assert one["log"]["world_size"] == 1 and one["log"]["deepspeed"].endswith("zero3.json")
+    assert one["logits"] == pytest.approx(plain["logits"], abs=1e-5)
+    # Two processes, one row of each batch apiece: the averaged gradients are the whole batch's, and both
+    # processes end with the same logits.
+    two = zero_selector(tiny_model_dir, tmp_path / "two", 2)
+    assert two[0]["log"]["world_size"] == 2 and two[0]["logits"] == two[1]["logits"]
+    assert two[0]["logits"] == pytest.approx(plain["logits"], abs=1e-5)
+    # Stopped after 5 steps (DeepSpeed's partitioned checkpoint + the selector state), then resumed.
+    resumed = zero_selector(tiny_model_dir, tmp_path / "resumed", 2, stop_after=5)
+    assert resumed[0]["log"]["steps"] == 8 and resumed[0]["logits"] == pytest.approx(plain["logits"], abs=1e-5)
+    assert (tmp_path / "resumed" / "ckpt" / "step5").is_dir()

@@ -50,6 +50,10 @@ class SealOptions:
     seed: int = 0
     checkpoint_steps: int = 20
     dtype: str = "auto"
+    # A DeepSpeed config (e.g. deepspeed/zero3.json): the selector's model runs under DeepSpeed, one process per GPU
+    # the job has (torchrun), each batch split across them; `gpus` is what the job asks for on a cluster.
+    deepspeed: str | None = None
+    gpus: int | None = None
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
@@ -120,24 +124,57 @@ def example_losses(model, batch):
     return answer_losses(logits, batch["labels"])
 
 
-def bilevel_step(model, z, model_opt, selector_opt, safe_batch, ft_batch, ft_rows, lam: float, activation: str):
-    """One step of both levels, from one forward pass per batch. Returns (model loss, safe loss, mean ft loss)."""
+def bilevel_step(model, z, model_opt, selector_opt, safe_batch, ft_batch, ft_rows, lam: float, activation: str,
+                 engine=None, world: int = 1):
+    """One step of both levels, from one forward pass per batch. Returns (model loss, safe loss, mean ft loss).
+
+    Under DeepSpeed, `engine` takes the model's step (and averages its gradients over the `world` processes, each
+    with its share of the batch); the selector's gradient is averaged the same way, so every process keeps the
+    same logits."""
     import torch
 
-    l_safe = example_losses(model, safe_batch).mean()
-    l_ft = example_losses(model, ft_batch)
-    rows = torch.as_tensor(ft_rows)
+    l_safe = example_losses(engine or model, safe_batch).mean()
+    l_ft = example_losses(engine or model, ft_batch)
+    rows = torch.as_tensor(ft_rows, device=z.device)
     w = weights(z, activation)[rows]
     loss = lam * l_safe + (1 - lam) * (w.detach() * l_ft).mean()
-    model_opt.zero_grad()
-    loss.backward()
-    model_opt.step()
+    if engine is None:
+        model_opt.zero_grad()
+        loss.backward()
+        model_opt.step()
+    else:
+        engine.backward(loss)
+        engine.step()
     # The selector's loss reuses the fine-tuning losses, detached: no second forward pass.
     selector_loss = (weights(z, activation)[rows] * l_ft.detach()).mean()
     selector_opt.zero_grad()
     selector_loss.backward()
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(z.grad)
+        z.grad /= world
     selector_opt.step()
     return float(loss.detach()), float(l_safe.detach()), float(l_ft.detach().mean())
+
+
+def shard(rows: list[int], rank: int, world: int) -> list[int]:
+    """This process's share of a batch (every world-th row); a batch smaller than the world is used whole."""
+    return rows[rank::world] or rows
+
+
+def deepspeed_config(path: str, micro_batch: int, world: int, dtype: str) -> dict:
+    """The DeepSpeed config file with its "auto" values filled as the Trainer would: one micro-batch per process
+    and step, no gradient clipping (the reference clips none), the precision the hardware probe chose."""
+    config = json.loads(Path(path).read_text())
+    for key, value in {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
+                       "train_batch_size": micro_batch * world, "gradient_clipping": 0.0}.items():
+        if config.get(key, "auto") == "auto":
+            config[key] = value
+    for name in ("bf16", "fp16"):
+        if config.get(name, {}).get("enabled") == "auto":
+            config[name]["enabled"] = dtype == {"bf16": "bfloat16", "fp16": "float16"}[name]
+    return config
 
 
 def select(ids: list[str], logits: list[float], p: float) -> list[bool]:
@@ -172,7 +209,8 @@ def train_selector(base: str, ft_table: pa.Table, safe_table: pa.Table, opts: Se
                    paths: tuple[str, str] = ("<fine-tuning set>", "<safe set>")) -> dict | None:
     """Train the selector; returns {"logits", "weights", "log"} or None when stopped (SIGTERM, or `stop_after`
     optimiser steps for tests) after saving a checkpoint. A run started again with the same inputs and options
-    resumes from the checkpoint: LoRA weights, both Adam states, the logits and the position in the epoch."""
+    resumes from the checkpoint: LoRA weights, both Adam states, the logits and the position in the epoch.
+    With `deepspeed` (under torchrun) every process returns the same result; the caller writes it from rank 0."""
     import torch
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -183,6 +221,7 @@ def train_selector(base: str, ft_table: pa.Table, safe_table: pa.Table, opts: Se
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(opts.seed)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     tokenizer = AutoTokenizer.from_pretrained(base)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -191,7 +230,11 @@ def train_selector(base: str, ft_table: pa.Table, safe_table: pa.Table, opts: Se
     precision = resolve_dtype(opts.dtype)
     if precision["warning"]:
         log.warning("%s", precision["warning"])
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if torch.cuda.is_available():
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    else:
+        device = "cpu"
     model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, precision["dtype"])).to(device)
     model = get_peft_model(model, LoraConfig(r=opts.lora_r, lora_alpha=opts.lora_alpha, lora_dropout=0.0,
                                              target_modules=list(opts.target_modules), task_type="CAUSAL_LM"))
@@ -199,16 +242,29 @@ def train_selector(base: str, ft_table: pa.Table, safe_table: pa.Table, opts: Se
     z = initial_logits(len(ft), opts.activation).to(device).requires_grad_()
     model_opt = torch.optim.Adam([q for q in model.parameters() if q.requires_grad], lr=opts.lr, betas=(0.9, 0.95))
     selector_opt = torch.optim.Adam([z], lr=opts.selector_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    engine = None
+    if opts.deepspeed:
+        import deepspeed
+
+        deepspeed.init_distributed()
+        # DeepSpeed wraps the model and our Adam (ZeRO partitions its state); the selector stays a plain replica.
+        micro = -(-opts.batch_size // world)
+        engine, model_opt, _, _ = deepspeed.initialize(
+            model=model, optimizer=model_opt,
+            config=deepspeed_config(opts.deepspeed, micro, world, precision["dtype"]))
 
     ft_ids, safe_ids = ft_table.column("id").to_pylist(), safe_table.column("id").to_pylist()
-    fingerprint = run_fingerprint(opts, base, ft_ids, safe_ids, precision["dtype"])
+    fingerprint = run_fingerprint(opts, base, ft_ids, safe_ids, precision["dtype"]) + f":world{world}"
     ckpt = Path(checkpoint) / "selector_state.pt" if checkpoint else None
     epoch, position, step, history = 0, 0, 0, []
     if ckpt and ckpt.exists():
         state = torch.load(ckpt, map_location=device, weights_only=False)
         if state["fingerprint"] == fingerprint:
-            set_peft_model_state_dict(model, state["adapter"])
-            model_opt.load_state_dict(state["model_opt"])
+            if engine is None:
+                set_peft_model_state_dict(model, state["adapter"])
+                model_opt.load_state_dict(state["model_opt"])
+            else:  # the model and its optimizer state from DeepSpeed's own (partitioned) checkpoint of that step
+                engine.load_checkpoint(str(ckpt.parent), tag=state["deepspeed_tag"])
             selector_opt.load_state_dict(state["selector_opt"])
             with torch.no_grad():
                 z.copy_(state["z"])
@@ -218,11 +274,19 @@ def train_selector(base: str, ft_table: pa.Table, safe_table: pa.Table, opts: Se
             log.info("checkpoint %s belongs to another run: starting afresh", ckpt)
 
     def checkpoint_now():
-        if ckpt:
-            save_state(ckpt, {"fingerprint": fingerprint, "adapter": get_peft_model_state_dict(model),
-                              "model_opt": model_opt.state_dict(), "selector_opt": selector_opt.state_dict(),
-                              "z": z.detach().cpu(), "epoch": epoch, "position": position, "step": step,
-                              "history": history})
+        if not ckpt:
+            return
+        state = {"fingerprint": fingerprint, "selector_opt": selector_opt.state_dict(), "z": z.detach().cpu(),
+                 "epoch": epoch, "position": position, "step": step, "history": history}
+        if engine is None:
+            state.update(adapter=get_peft_model_state_dict(model), model_opt=model_opt.state_dict())
+        else:
+            # Every process writes its partition under a tag of this step; the state that names the tag is
+            # written after it, so a kill in between resumes from the previous, complete pair.
+            state["deepspeed_tag"] = f"step{step}"
+            engine.save_checkpoint(str(ckpt.parent), tag=state["deepspeed_tag"])
+        if rank == 0:
+            save_state(ckpt, state)
 
     stop = {"signal": False}
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True))
@@ -232,18 +296,19 @@ def train_selector(base: str, ft_table: pa.Table, safe_table: pa.Table, opts: Se
             lam = lam_at(epoch, opts.lam, opts.lam_decay)
             plan = batches(epoch_orders(len(safe), len(ft), opts.seed, epoch), opts.batch_size)
             while position < len(plan):
-                safe_rows, ft_rows = plan[position]
+                safe_rows, ft_rows = (shard(rows, rank, world) for rows in plan[position])
                 loss, l_safe, l_ft = bilevel_step(
                     model, z, model_opt, selector_opt, collate([safe[i] for i in safe_rows], tokenizer.pad_token_id,
                                                                device),
-                    collate([ft[i] for i in ft_rows], tokenizer.pad_token_id, device), ft_rows, lam, opts.activation)
+                    collate([ft[i] for i in ft_rows], tokenizer.pad_token_id, device), ft_rows, lam, opts.activation,
+                    engine, world)
                 position += 1
                 step += 1
                 history.append({"step": step, "epoch": epoch, "lam": lam, "loss": loss, "safe_loss": l_safe,
                                 "ft_loss": l_ft})
                 log.info("epoch %d step %d: loss %.4f (safe %.4f, fine-tuning %.4f), lam %.2f", epoch, step, loss,
                          l_safe, l_ft, lam)
-                if stop["signal"] or step == stop_after:
+                if stopping(stop["signal"] or step == stop_after, world):
                     checkpoint_now()
                     return None
                 if opts.checkpoint_steps and step % opts.checkpoint_steps == 0:
@@ -254,7 +319,19 @@ def train_selector(base: str, ft_table: pa.Table, safe_table: pa.Table, opts: Se
     z_final = z.detach().cpu()
     return {"logits": z_final.tolist(), "weights": weights(z_final, opts.activation).tolist(),
             "log": {"steps": step, "seconds": round(time.time() - start, 1), "precision": precision,
-                    "history": history}}
+                    "world_size": world, "deepspeed": opts.deepspeed, "history": history}}
+
+
+def stopping(local: bool, world: int) -> bool:
+    """Whether to stop at this step: any process that got SIGTERM stops them all at the same step."""
+    if world == 1:
+        return local
+    import torch
+    import torch.distributed as dist
+
+    flag = torch.tensor([float(local)])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def selection_tables(table: pa.Table, logits: list[float], w: list[float], p: float
@@ -283,6 +360,15 @@ def main(argv=None) -> None:
 
     args = step_cli(SealOptions, "seal", __doc__, argv, extra)
     opts = args.options
+    import torch
+
+    from workflow_scripts.train import launch_command
+
+    command = launch_command(sys.argv[1:] if argv is None else argv, {"deepspeed": opts.deepspeed},
+                             torch.cuda.device_count(), module="workflow_scripts.seal")
+    if command:
+        print("launching:", " ".join(command), flush=True)
+        os.execv(command[0], command)
     try:
         table, safe = read_table(args.input), read_table(opts.safe)
         if table.num_rows == 0 or safe.num_rows == 0:
@@ -295,6 +381,8 @@ def main(argv=None) -> None:
     if result is None:
         print("seal: stopped by SIGTERM; the selector state is saved for the rerun", file=sys.stderr)
         raise SystemExit(143)
+    if int(os.environ.get("RANK", "0")) != 0:  # the other processes of a DeepSpeed run hold the same result
+        return
     out, decisions, selector = selection_tables(table, result["logits"], result["weights"], opts.p)
     write_table(selector, args.selector)
     write_table(decisions, args.decisions)

@@ -304,7 +304,8 @@ def train(base_model: str, data_paths: list[str], out_dir: str, recipe: dict, se
     return info
 
 
-def launch_command(argv: list[str], recipe: dict, n_gpus: int) -> list[str] | None:
+def launch_command(argv: list[str], recipe: dict, n_gpus: int, module: str = "workflow_scripts.train"
+                   ) -> list[str] | None:
     """The torchrun command that re-runs this CLI with one process per GPU, or None to train in this process.
 
     The GPU count is what the job was given (SLURM's gres sets the visible devices), not a config value, so one
@@ -314,7 +315,7 @@ def launch_command(argv: list[str], recipe: dict, n_gpus: int) -> list[str] | No
     if os.environ.get("RANK") is not None or (n_gpus <= 1 and not recipe.get("deepspeed")):
         return None
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(max(n_gpus, 1)),
-            "-m", "workflow_scripts.train", *argv]
+            "-m", module, *argv]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,7 +18,7 @@ rule seal:
         checkpoints="checkpoints/{exp}/seal_{i}",
     threads: job_threads("gpu_train")
     resources:
-        **job_class("gpu_train"),
+        **job_class("gpu_train", gpus=lambda wc: step_options(wc).get("gpus")),
     conda:
         os.path.join("..", gpu_env())
     log:
