@@ -45,6 +45,19 @@ def test_the_cut_stops_before_the_next_list_item():
     assert rg.cut("  one line only  ") == "one line only"
     # items 1-4 are not the next item: a list inside the instruction stays
     assert rg.cut(" Steps: 1. mix 2. heat") == "Steps: 1. mix 2. heat"
+    # with two shots the proposer writes item 3, and item 4 is the next
+    assert rg.cut(" a?\n4. b?", next_number=4) == "a?" and rg.cut(" a?\n4. b?") == "a?\n4. b?"
+
+
+def test_fewer_seeds_than_shots_plus_one_is_an_error_naming_the_file(tmp_path):
+    from workflow_scripts.io import write_table
+
+    path = tmp_path / "seeds.parquet"
+    write_table(records_to_table([{"id": str(k), "messages": [{"role": "user", "content": f"q{k}"}]}
+                                  for k in range(3)]), path)
+    with pytest.raises(DataError, match=r"seeds.parquet.*3 seed instructions; shots=3 needs at least 4"):
+        rg.read_seeds(str(path), opts())
+    assert rg.read_seeds(str(path), opts(shots=2)) == ["q0", "q1", "q2"]
 
 
 def test_seed_instructions_are_user_turns_and_a_bad_row_is_named():
@@ -98,10 +111,10 @@ def test_the_answer_key_is_the_choice_letter():
 def test_keyword_and_guard_labellers(tiny_model_dir):
     keyword = opts()
     failure, scores, details = rg.labeller_verdicts(keyword, ["q1", "q2"], ["I'm sorry, I can't.", "Sure: ..."],
-                                                    1, {})
+                                                    1)
     assert failure == [False, True] and scores == [None, None] and details[0] == "I'm sorry"
     guard = opts(labeller={"backend": "hf", "model": str(tiny_model_dir)}, labeller_kind="llama_guard")
-    failure, scores, _ = rg.labeller_verdicts(guard, ["q1", "q2"], ["no", "yes"], 1, {})
+    failure, scores, _ = rg.labeller_verdicts(guard, ["q1", "q2"], ["no", "yes"], 1)
     assert all(f == (p > 0.5) for f, p in zip(failure, scores, strict=True)) and all(0 <= p <= 1 for p in scores)
 
 
@@ -164,7 +177,9 @@ def test_stage_options_leave_out_what_a_stage_does_not_read():
     assert json.loads(rg.stage_json(full, "sample")) == {"seeds": "s", "proposer": "p", "samples": 4}
     assert json.loads(rg.stage_json(full, "label")) == {"seeds": "s", "proposer": "p", "samples": 4,
                                                         "labeller": {"model": "m"}}
+    assert json.loads(rg.stage_json(full, "answer")) == {"seeds": "s", "proposer": "p", "samples": 4}
     assert json.loads(rg.stage_json(full, "final")) == json.loads(full)
+    assert rg.label_llms({"labeller": "g", "safe_model": "s", "reference": "r"}) == ["g", "r"]
     llms = {"g": {"backend": "vllm", "model": "m", "guard": "llama_guard"}, "j": {"model": "m", "answer": "choice"}}
     assert rg.labeller_fields({"labeller": "g"}, llms) == {"labeller_kind": "llama_guard",
                                                            "labeller_answer": "generate"}

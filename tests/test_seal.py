@@ -214,3 +214,13 @@ def test_the_zero3_selector_is_the_same_algorithm_on_one_and_two_processes(tiny_
     resumed = zero_selector(tiny_model_dir, tmp_path / "resumed", 2, stop_after=5)
     assert resumed[0]["log"]["steps"] == 8 and resumed[0]["logits"] == pytest.approx(plain["logits"], abs=1e-5)
     assert (tmp_path / "resumed" / "ckpt" / "step5").is_dir()
+
+
+def test_uneven_shares_average_to_the_batch_mean():
+    # 5 rows on 2 processes (3 + 2): each divides its sum by 5 / 2, and the mean of the two is the batch mean.
+    losses = [1.0, 2.0, 3.0, 4.0, 5.0]
+    rows = [0, 1, 2, 3, 4]
+    shares = [seal.shard(rows, r, 2) for r in range(2)]
+    per_process = [sum(losses[i] for i in share) / seal.share_size(rows, 2) for share in shares]
+    assert sum(per_process) / 2 == pytest.approx(sum(losses) / 5)
+    assert seal.share_size([7], 2) == 1 and seal.shard([7], 1, 2) == [7]

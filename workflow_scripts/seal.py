@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
@@ -125,19 +126,22 @@ def example_losses(model, batch):
 
 
 def bilevel_step(model, z, model_opt, selector_opt, safe_batch, ft_batch, ft_rows, lam: float, activation: str,
-                 engine=None, world: int = 1):
+                 engine=None, world: int = 1, sizes: tuple[float, float] | None = None):
     """One step of both levels, from one forward pass per batch. Returns (model loss, safe loss, mean ft loss).
 
     Under DeepSpeed, `engine` takes the model's step (and averages its gradients over the `world` processes, each
     with its share of the batch); the selector's gradient is averaged the same way, so every process keeps the
-    same logits."""
+    same logits. `sizes` (safe, fine-tuning) divide each process's loss sums instead of its row counts, so that
+    the average over processes is the whole batch's mean even when the shares differ in size."""
     import torch
 
-    l_safe = example_losses(engine or model, safe_batch).mean()
+    l_safe_rows = example_losses(engine or model, safe_batch)
     l_ft = example_losses(engine or model, ft_batch)
+    safe_size, ft_size = sizes or (len(l_safe_rows), len(l_ft))
+    l_safe = l_safe_rows.sum() / safe_size
     rows = torch.as_tensor(ft_rows, device=z.device)
     w = weights(z, activation)[rows]
-    loss = lam * l_safe + (1 - lam) * (w.detach() * l_ft).mean()
+    loss = lam * l_safe + (1 - lam) * (w.detach() * l_ft).sum() / ft_size
     if engine is None:
         model_opt.zero_grad()
         loss.backward()
@@ -146,7 +150,7 @@ def bilevel_step(model, z, model_opt, selector_opt, safe_batch, ft_batch, ft_row
         engine.backward(loss)
         engine.step()
     # The selector's loss reuses the fine-tuning losses, detached: no second forward pass.
-    selector_loss = (weights(z, activation)[rows] * l_ft.detach()).mean()
+    selector_loss = (weights(z, activation)[rows] * l_ft.detach()).sum() / ft_size
     selector_opt.zero_grad()
     selector_loss.backward()
     if world > 1:
@@ -160,7 +164,13 @@ def bilevel_step(model, z, model_opt, selector_opt, safe_batch, ft_batch, ft_row
 
 def shard(rows: list[int], rank: int, world: int) -> list[int]:
     """This process's share of a batch (every world-th row); a batch smaller than the world is used whole."""
-    return rows[rank::world] or rows
+    return rows[rank::world] if len(rows) >= world else rows
+
+
+def share_size(rows: list[int], world: int) -> float:
+    """What a process divides its loss sum by: len / world for a split batch (the processes' average is then the
+    batch mean however unevenly it split), the whole length for one that every process holds whole."""
+    return len(rows) / world if len(rows) >= world else len(rows)
 
 
 def deepspeed_config(path: str, micro_batch: int, world: int, dtype: str) -> dict:
@@ -254,7 +264,9 @@ def train_selector(base: str, ft_table: pa.Table, safe_table: pa.Table, opts: Se
             config=deepspeed_config(opts.deepspeed, micro, world, precision["dtype"]))
 
     ft_ids, safe_ids = ft_table.column("id").to_pylist(), safe_table.column("id").to_pylist()
-    fingerprint = run_fingerprint(opts, base, ft_ids, safe_ids, precision["dtype"]) + f":world{world}"
+    fingerprint = run_fingerprint(opts, base, ft_ids, safe_ids, precision["dtype"])
+    if opts.deepspeed:  # partitions depend on the world size, and the config's contents matter, not its name
+        fingerprint += f":world{world}:" + hashlib.sha256(Path(opts.deepspeed).read_bytes()).hexdigest()
     ckpt = Path(checkpoint) / "selector_state.pt" if checkpoint else None
     epoch, position, step, history = 0, 0, 0, []
     if ckpt and ckpt.exists():
@@ -264,7 +276,11 @@ def train_selector(base: str, ft_table: pa.Table, safe_table: pa.Table, opts: Se
                 set_peft_model_state_dict(model, state["adapter"])
                 model_opt.load_state_dict(state["model_opt"])
             else:  # the model and its optimizer state from DeepSpeed's own (partitioned) checkpoint of that step
-                engine.load_checkpoint(str(ckpt.parent), tag=state["deepspeed_tag"])
+                loaded, _ = engine.load_checkpoint(str(ckpt.parent), tag=state["deepspeed_tag"],
+                                                   load_module_strict=False)
+                if loaded is None:
+                    raise RuntimeError(f"{ckpt.parent}: DeepSpeed checkpoint {state['deepspeed_tag']} named by "
+                                       f"{ckpt.name} could not be loaded")
             selector_opt.load_state_dict(state["selector_opt"])
             with torch.no_grad():
                 z.copy_(state["z"])
@@ -284,9 +300,18 @@ def train_selector(base: str, ft_table: pa.Table, safe_table: pa.Table, opts: Se
             # Every process writes its partition under a tag of this step; the state that names the tag is
             # written after it, so a kill in between resumes from the previous, complete pair.
             state["deepspeed_tag"] = f"step{step}"
-            engine.save_checkpoint(str(ckpt.parent), tag=state["deepspeed_tag"])
+            # The frozen base stays out: only the adapter and its optimizer state (GBs less for an 8B model).
+            engine.save_checkpoint(str(ckpt.parent), tag=state["deepspeed_tag"], exclude_frozen_parameters=True)
         if rank == 0:
             save_state(ckpt, state)
+            if engine is not None:  # the tags before this one are no longer named by any state
+                for old in ckpt.parent.glob("step*"):
+                    if old.is_dir() and old.name != state["deepspeed_tag"]:
+                        shutil.rmtree(old, ignore_errors=True)
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()  # no process leaves (or reads the state) before rank 0 has written it
 
     stop = {"signal": False}
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True))
@@ -296,19 +321,20 @@ def train_selector(base: str, ft_table: pa.Table, safe_table: pa.Table, opts: Se
             lam = lam_at(epoch, opts.lam, opts.lam_decay)
             plan = batches(epoch_orders(len(safe), len(ft), opts.seed, epoch), opts.batch_size)
             while position < len(plan):
-                safe_rows, ft_rows = (shard(rows, rank, world) for rows in plan[position])
+                full_safe, full_ft = plan[position]
+                safe_rows, ft_rows = shard(full_safe, rank, world), shard(full_ft, rank, world)
                 loss, l_safe, l_ft = bilevel_step(
                     model, z, model_opt, selector_opt, collate([safe[i] for i in safe_rows], tokenizer.pad_token_id,
                                                                device),
                     collate([ft[i] for i in ft_rows], tokenizer.pad_token_id, device), ft_rows, lam, opts.activation,
-                    engine, world)
+                    engine, world, (share_size(full_safe, world), share_size(full_ft, world)))
                 position += 1
                 step += 1
                 history.append({"step": step, "epoch": epoch, "lam": lam, "loss": loss, "safe_loss": l_safe,
                                 "ft_loss": l_ft})
                 log.info("epoch %d step %d: loss %.4f (safe %.4f, fine-tuning %.4f), lam %.2f", epoch, step, loss,
                          l_safe, l_ft, lam)
-                if stopping(stop["signal"] or step == stop_after, world):
+                if stopping(stop["signal"] or step == stop_after, world, z.device):
                     checkpoint_now()
                     return None
                 if opts.checkpoint_steps and step % opts.checkpoint_steps == 0:
@@ -322,14 +348,14 @@ def train_selector(base: str, ft_table: pa.Table, safe_table: pa.Table, opts: Se
                     "world_size": world, "deepspeed": opts.deepspeed, "history": history}}
 
 
-def stopping(local: bool, world: int) -> bool:
+def stopping(local: bool, world: int, device="cpu") -> bool:
     """Whether to stop at this step: any process that got SIGTERM stops them all at the same step."""
     if world == 1:
         return local
     import torch
     import torch.distributed as dist
 
-    flag = torch.tensor([float(local)])
+    flag = torch.tensor([float(local)], device=device)  # on the GPU: NCCL reduces only CUDA tensors
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
 
@@ -364,8 +390,9 @@ def main(argv=None) -> None:
 
     from workflow_scripts.train import launch_command
 
+    # Only a DeepSpeed selector splits its batches across processes; without it, one process on one device.
     command = launch_command(sys.argv[1:] if argv is None else argv, {"deepspeed": opts.deepspeed},
-                             torch.cuda.device_count(), module="workflow_scripts.seal")
+                             torch.cuda.device_count() if opts.deepspeed else 1, module="workflow_scripts.seal")
     if command:
         print("launching:", " ".join(command), flush=True)
         os.execv(command[0], command)

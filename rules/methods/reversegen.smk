@@ -96,19 +96,47 @@ rule reversegen_dedup:
         "--stats {output.stats} --round {wildcards.r} --options {params.options:q} > {log} 2>&1"
 
 
-rule reversegen_label:
+rule reversegen_answer:
     input:
         proposals="data/{exp}/steps/{i}_reversegen/round{r}.proposals.parquet",
         decisions="data/{exp}/steps/{i}_reversegen/round{r}.dedup.parquet",
         target=lambda wc: base_model(wc.exp),
-        llms=step_llm_files,
+    output:
+        "data/{exp}/steps/{i}_reversegen/round{r}.answers.parquet",
+    wildcard_constraints:
+        r=r"[1-9]\d*",
+    params:
+        options=lambda wc: reversegen.stage_json(step_json(wc), "answer"),
+        cache="data/{exp}/steps/{i}_reversegen/cache/round{r}.answers.sqlite",
+    threads: job_threads("gpu_infer")
+    resources:
+        **job_class("gpu_infer"),
+    conda:
+        lambda wc: os.path.join("..", gpu_env(reversegen.step_options(step_options(wc)).backend))
+    log:
+        "logs/{exp}/reversegen_{i}_round{r}_answer.log",
+    benchmark:
+        "benchmarks/reversegen_answer/{exp}/reversegen_{i}_round{r}.tsv"
+    shell:
+        "python -m workflow_scripts.reversegen answer --proposals {input.proposals} --decisions {input.decisions} "
+        "--target {input.target} --output {output} --round {wildcards.r} --cache {params.cache} "
+        "--threads {threads} --options {params.options:q} > {log} 2>&1"
+
+
+# A job of its own: on one GPU, the labeller's engine loads after the target's has gone.
+rule reversegen_label:
+    input:
+        answers="data/{exp}/steps/{i}_reversegen/round{r}.answers.parquet",
+        llms=lambda wc: llm_model_files(reversegen.label_llms(step_options(wc))),
     output:
         "data/{exp}/steps/{i}_reversegen/round{r}.labels.parquet",
     wildcard_constraints:
         r=r"[1-9]\d*",
     params:
-        options=lambda wc: reversegen.stage_json(step_json(wc, reversegen.labeller_fields(step_options(wc), LLMS)), "label"),
-        cache="data/{exp}/steps/{i}_reversegen/cache/round{r}.answers.sqlite",
+        options=lambda wc: reversegen.stage_json(
+            step_json(wc, reversegen.labeller_fields(step_options(wc), LLMS)), "label"
+        ),
+        cache="data/{exp}/steps/{i}_reversegen/cache/round{r}.labels.sqlite",
     threads: job_threads("gpu_infer")
     resources:
         **job_class("gpu_infer"),
@@ -119,9 +147,8 @@ rule reversegen_label:
     benchmark:
         "benchmarks/reversegen_label/{exp}/reversegen_{i}_round{r}.tsv"
     shell:
-        "python -m workflow_scripts.reversegen label --proposals {input.proposals} --decisions {input.decisions} "
-        "--target {input.target} --output {output} --round {wildcards.r} --cache {params.cache} "
-        "--threads {threads} --options {params.options:q} > {log} 2>&1"
+        "python -m workflow_scripts.reversegen label --answers {input.answers} --output {output} "
+        "--round {wildcards.r} --cache {params.cache} --threads {threads} --options {params.options:q} > {log} 2>&1"
 
 
 rule reversegen_pairs:
@@ -174,7 +201,7 @@ rule reversegen_respond:
     input:
         labels=lambda wc: reversegen.round_files(wc.exp, wc.i, reversegen.step_options(step_options(wc)))["labels"][-1],
         target=lambda wc: base_model(wc.exp),
-        llms=step_llm_files,
+        llms=lambda wc: llm_model_files([step_options(wc)[k] for k in ("safe_model",) if k in step_options(wc)]),
     output:
         "data/{exp}/steps/{i}_reversegen/responses.parquet",
     params:
