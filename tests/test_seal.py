@@ -197,18 +197,16 @@ def zero_selector(tiny_model_dir, out, procs, stop_after=0):
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(procs)]
 
 
-def test_the_zero3_selector_is_the_same_algorithm_on_one_and_two_processes(tiny_model_dir, tmp_path):
+def test_the_zero3_selector_on_two_processes_is_the_single_device_algorithm(tiny_model_dir, tmp_path):
     ft, safe = small_sets(8, 8)
     opts = seal.SealOptions(safe="safe", epochs=2, batch_size=2, lr=1e-3, checkpoint_steps=0, max_length=256,
                             dtype="float32")
     plain = seal.train_selector(str(tiny_model_dir), ft, safe, opts, threads=1)
-    [one] = zero_selector(tiny_model_dir, tmp_path / "one", 1)
-    assert one["log"]["world_size"] == 1 and one["log"]["deepspeed"].endswith("zero3.json")
-    assert one["logits"] == pytest.approx(plain["logits"], abs=1e-5)
     # Two processes, one row of each batch apiece: the averaged gradients are the whole batch's, and both
     # processes end with the same logits.
     two = zero_selector(tiny_model_dir, tmp_path / "two", 2)
-    assert two[0]["log"]["world_size"] == 2 and two[0]["logits"] == two[1]["logits"]
+    assert two[0]["log"]["world_size"] == 2 and two[0]["log"]["deepspeed"].endswith("zero3.json")
+    assert two[0]["logits"] == two[1]["logits"]
     assert two[0]["logits"] == pytest.approx(plain["logits"], abs=1e-5)
     # Stopped after 5 steps (DeepSpeed's partitioned checkpoint + the selector state), then resumed.
     resumed = zero_selector(tiny_model_dir, tmp_path / "resumed", 2, stop_after=5)
