@@ -2,19 +2,13 @@
 the filter measures of its decisions, and the step in the tiny workflow (interleaved, sharded, killed and resumed)."""
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from smk_helpers import REPO, SNAKEMAKE, TINY, smk
+from smk_helpers import TINY, smk, smk_killed_when
 
 from workflow_scripts import forgetfilter as ff
 from workflow_scripts.filter_measures import step_measures
@@ -230,23 +224,9 @@ def test_a_killed_forgetfilter_run_resumes_to_the_same_decisions(ff_run, tmp_pat
         shutil.rmtree(work / stale, ignore_errors=True)
     for f in (work / "data/tiny_ff/steps").glob("2_forgetfilter.*"):
         f.unlink()
-    env = {**os.environ, "PYTHONPATH": str(REPO),
-           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
-    cmd = [*SNAKEMAKE, "--directory", str(work), "--cores", "1", "results/tiny_ff/filter.json", "--configfile",
-           ff_config(work / "cfg.yaml")]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    try:
-        deadline = time.time() + 300
-        # Killed as soon as the first round is done: the jobs after it are running or about to start.
-        while time.time() < deadline and not (work / "models/tiny_ff/forgetfilter_2/round1_safe").exists():
-            assert proc.poll() is None, "the run ended before it could be killed"
-            time.sleep(0.2)
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    # Killed as soon as the first round is done: the jobs after it are running or about to start.
+    smk_killed_when(work, work / "models/tiny_ff/forgetfilter_2/round1_safe", "results/tiny_ff/filter.json",
+                    "--configfile", ff_config(work / "cfg.yaml"))
     assert not (work / "data/tiny_ff/steps/2_forgetfilter.decisions.parquet").exists()
     smk(work, "--cores", "2", "--rerun-incomplete", "results/tiny_ff/filter.json", "--configfile",
         str(work / "cfg.yaml"))

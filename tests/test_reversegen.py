@@ -7,18 +7,13 @@ import json
 import math
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
 from fake_openai import FakeOpenAI
-from smk_helpers import REPO, SNAKEMAKE, TINY, planned_outputs, smk
+from smk_helpers import TINY, planned_outputs, smk, smk_killed_when
 
 from workflow_scripts import reversegen as rg
 from workflow_scripts.io import DataError, records_to_table
@@ -335,22 +330,8 @@ def test_a_killed_loop_resumes_in_the_round_it_stopped_in(rg_run, tmp_path, judg
     for stale in [*folder.glob("round[23].*"), folder / "responses.parquet", work / "data/tiny_rg/train.parquet",
                   *(work / "data/tiny_rg/steps").glob("1_reversegen.*")]:
         stale.unlink()
-    env = {**os.environ, "PYTHONPATH": str(REPO),
-           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
-    cmd = [*SNAKEMAKE, "--directory", str(work), "--cores", "1", *TARGETS, "--configfile", cfg]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    try:
-        deadline = time.time() + 300
-        # Killed once round 2's proposals exist: round 2 is under way (its dedup or labels).
-        while time.time() < deadline and not (folder / "round2.proposals.parquet").exists():
-            assert proc.poll() is None, "the run ended before it could be killed"
-            time.sleep(0.2)
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    # Killed once round 2's proposals exist: round 2 is under way (its dedup or labels).
+    smk_killed_when(work, folder / "round2.proposals.parquet", *TARGETS, "--configfile", cfg)
     assert not (work / "results/tiny_rg/rounds.json").exists()
     done_before = {p.name: p.stat().st_mtime for p in folder.glob("round1.*")}
     assert "round1.pairs.parquet" in done_before and not (folder / "round2.pairs.parquet").exists()

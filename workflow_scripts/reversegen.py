@@ -21,7 +21,6 @@ import re
 import sys
 import time
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from workflow_scripts.io import (
     write_json,
     write_table,
 )
+from workflow_scripts.llm import cli_errors
 from workflow_scripts.methods import options_from_cli
 
 log = logging.getLogger("safeft.reversegen")
@@ -136,8 +136,8 @@ def labeller_kind(entry: dict | None) -> str:
 FINAL_ONLY = ("rounds", "safe_model", "safety_prompt", "require_refusal", "max_added")
 LABEL_ONLY = ("labeller", "labeller_kind", "labeller_answer", "reference", "answer_tokens", "honesty_samples",
               "honesty_threshold")
-# What the answering job does not read (the labelling settings), besides FINAL_ONLY.
-ANSWER_SKIPS = ("labeller", "labeller_kind", "labeller_answer", "reference", "honesty_threshold")
+# The answering job reads the answer settings of LABEL_ONLY and none of the labeller's.
+ANSWER_SKIPS = tuple(k for k in LABEL_ONLY if k not in ("answer_tokens", "honesty_samples"))
 
 
 def stage_json(options_json: str, stage: str) -> str:
@@ -255,8 +255,6 @@ def seed_instructions(table: pa.Table, path: str) -> list[str]:
         if k < 0 or not messages[k]["content"].strip():
             raise DataError(path, row_no, "messages", "a seed row needs a user turn (the seed instruction)")
         out.append(messages[k]["content"].strip())
-    if len(out) < 2:
-        raise DataError(path, None, "messages", "reversegen needs at least two seed instructions")
     return out
 
 
@@ -373,10 +371,11 @@ def rounds_blocks(paths: list[str]) -> list[tuple]:
         return []
     head = ["experiment", "round", "proposals kept", "failure rate (95% CI)", "self-BLEU", "distinct-2",
             "dropped: minhash / semdedup / empty", "DPO pairs"]
-    body = []
+    body, labellers = [], set()
     for path in paths:
         data = json.loads(Path(path).read_text())
         exp = Path(path).parent.name
+        labellers.add(data["labeller"])
         for m in data["per_round"]:
             rate = "n/a" if m["failure_rate"] is None else (
                 f"{100 * m['failure_rate']:.1f}% ({100 * m['failure_rate_ci95'][0]:.1f}-"
@@ -387,7 +386,7 @@ def rounds_blocks(paths: list[str]) -> list[tuple]:
                          "-" if m["pairs"] is None else str(m["pairs"])])
     note = ("Round r samples from proposer r-1 (0: the warm-up SFT); the last round samples from the last DPO'd "
             "proposer, and its failures (answered safely) are the rows added. Labeller: "
-            + ", ".join(sorted({json.loads(Path(p).read_text())["labeller"] for p in paths})) + ".")
+            + ", ".join(sorted(labellers)) + ".")
     return [("h2", "ReverseGen rounds"), ("p", note), ("table", head, body)]
 
 
@@ -411,16 +410,6 @@ def _options(ap: argparse.ArgumentParser, args) -> ReverseGenOptions:
         ap.error(str(err))
 
 
-@contextmanager
-def _data_errors():
-    """Bad input ends the job with one line naming file, row and field (exit 2)."""
-    try:
-        yield
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
 def _write(table: pa.Table, path: str, meta: dict | None = None) -> None:
     if meta:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}),
@@ -433,7 +422,7 @@ def warmup_main(argv: list[str]) -> None:
                  "seeds", "output", "options")
     args = ap.parse_args(argv)
     opts = _options(ap, args)
-    with _data_errors():
+    with cli_errors():
         seeds = read_seeds(args.seeds, opts)
     rows = warmup_rows(seeds, opts)
     _write(records_to_table(rows), args.output)
@@ -447,17 +436,16 @@ def propose_main(argv: list[str]) -> None:
                  "seeds", "model", "output", "round", "options", "cache", "threads")
     args = ap.parse_args(argv)
     opts = _options(ap, args)
-    with _data_errors():
-        seeds = read_seeds(args.seeds, opts)
-    prompts = round_prompts(seeds, opts, args.round)
-    backend = open_backend(Endpoint(backend=opts.backend, model=args.model), threads=args.threads,
-                           cache=args.cache)
     start = time.time()
-    # One pass per sample with its own seed: each prompt sampled `samples` times, and a request cache that keys
-    # the k-th sample apart from the others.
-    texts = [backend.generate([p for _, p in prompts], GenParams(
-        opts.max_new_tokens, opts.temperature, opts.top_p, opts.batch_size,
-        seed=opts.seed * 1_000_003 + args.round * 1_000 + j)) for j in range(opts.samples)]
+    with cli_errors():
+        prompts = round_prompts(read_seeds(args.seeds, opts), opts, args.round)
+        backend = open_backend(Endpoint(backend=opts.backend, model=args.model), threads=args.threads,
+                               cache=args.cache)
+        # One pass per sample with its own seed: each prompt sampled `samples` times, and a request cache that
+        # keys the k-th sample apart from the others.
+        texts = [backend.generate([p for _, p in prompts], GenParams(
+            opts.max_new_tokens, opts.temperature, opts.top_p, opts.batch_size,
+            seed=opts.seed * 1_000_003 + args.round * 1_000 + j)) for j in range(opts.samples)]
     rows = [{"id": f"{pid}-s{j}", "prompt_id": pid, "prompt": p, "sample": j, "text": texts[j][k],
              "instruction": cut(texts[j][k], opts.shots + 2)}
             for k, (pid, p) in enumerate(prompts) for j in range(opts.samples)]
@@ -536,8 +524,13 @@ def labeller_verdicts(opts: ReverseGenOptions, instructions: list[str], answers:
             [None if s is None else float(s) for s in parsed], replies)
 
 
+# The columns a round's answers and labels share: the proposal, whether dedup kept it, the target's answer.
+ANSWERED = [("id", pa.string()), ("prompt_id", pa.string()), ("prompt", pa.string()), ("instruction", pa.string()),
+            ("kept", pa.bool_()), ("answer", pa.string())]
+
+
 def answer_main(argv: list[str]) -> None:
-    from workflow_scripts.llm import Endpoint, GenParams, cli_errors, open_backend
+    from workflow_scripts.llm import Endpoint, GenParams, open_backend
 
     ap = _parser("The target answers a round's kept proposals greedily with its own chat template (and, for "
                  "honesty, samples `honesty_samples` answers more).", "proposals", "decisions", "target", "output",
@@ -563,20 +556,21 @@ def answer_main(argv: list[str]) -> None:
                        for j in range(opts.honesty_samples)]
             for k, r in enumerate(todo):
                 r["samples"] = [s[k] for s in samples]
-    schema = pa.schema([("id", pa.string()), ("prompt_id", pa.string()), ("prompt", pa.string()),
-                        ("instruction", pa.string()), ("kept", pa.bool_()), ("answer", pa.string()),
-                        ("samples", pa.list_(pa.string()))])
+    schema = pa.schema([*ANSWERED, ("samples", pa.list_(pa.string()))])
     _write(pa.Table.from_pylist(rows, schema=schema), args.output, {"round": args.round, "target": args.target})
     print(f"reversegen: round {args.round}: {len(todo)} answers in {time.time() - start:.1f} s")
 
 
 def label_main(argv: list[str]) -> None:
-    from workflow_scripts.llm import Endpoint, GenParams, cli_errors, open_backend
+    from workflow_scripts.llm import Endpoint, GenParams, open_backend
 
     ap = _parser("Label a round's answered proposals: failure-inducing or not (the task's labeller).",
                  "answers", "output", "round", "options", "cache", "threads")
     args = ap.parse_args(argv)
     opts = _options(ap, args)
+    if opts.task == "math" and opts.reference is None:
+        ap.error("reversegen task math needs option 'reference' (an llms entry that answers the proposed "
+                 "questions: the answer the target must match)")
     rows = pq.read_table(args.answers).to_pylist()
     todo = [r for r in rows if r["kept"]]
     questions, answers = [r["instruction"] for r in todo], [r["answer"] for r in todo]
@@ -589,9 +583,6 @@ def label_main(argv: list[str]) -> None:
             failure = [h >= opts.honesty_threshold for h in scores]
             details = [json.dumps([answer_key(a) for a in r["samples"]]) for r in todo]
         else:
-            if opts.reference is None:
-                raise ValueError("reversegen task math needs option 'reference' (an llms entry that answers the "
-                                 "proposed questions: the answer the target must match)")
             reference = open_backend(Endpoint(**opts.reference), threads=args.threads, cache=args.cache)
             refs = reference.generate([[{"role": "user", "content": q}] for q in questions],
                                       GenParams(opts.answer_tokens, 0.0, 1.0, opts.batch_size, opts.seed))
@@ -599,9 +590,7 @@ def label_main(argv: list[str]) -> None:
             scores, details = [None] * len(todo), refs
     for r, f, sc, d in zip(todo, failure, scores, details, strict=True):
         r.update(failure=f, score=sc, detail=d)
-    schema = pa.schema([("id", pa.string()), ("prompt_id", pa.string()), ("prompt", pa.string()),
-                        ("instruction", pa.string()), ("kept", pa.bool_()), ("answer", pa.string()),
-                        ("failure", pa.bool_()), ("score", pa.float64()), ("detail", pa.string())])
+    schema = pa.schema([*ANSWERED, ("failure", pa.bool_()), ("score", pa.float64()), ("detail", pa.string())])
     table = pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in rows], schema=schema)
     _write(table, args.output, {"round": args.round, "labeller": opts.labeller_kind})
     print(f"reversegen: round {args.round}: {sum(bool(f) for f in failure)} of {len(todo)} kept proposals made the "
@@ -614,11 +603,12 @@ def pairs_main(argv: list[str]) -> None:
     args = ap.parse_args(argv)
     opts = _options(ap, args)
     pairs, counts = preference_pairs(pq.read_table(args.labels).to_pylist(), opts.seed + args.round)
-    if not pairs:
-        print(f"error: {args.labels}: round {args.round} made no preference pairs ({counts['prompts']} prompts, "
-              f"none with both a failing and a non-failing instruction): sample more per prompt (`samples`), more "
-              f"prompts, or use a labeller that separates the answers", file=sys.stderr)
-        raise SystemExit(2)
+    with cli_errors():
+        if not pairs:
+            raise DataError(args.labels, None, "failure", f"round {args.round} made no preference pairs "
+                            f"({counts['prompts']} prompts, none with both a failing and a non-failing "
+                            f"instruction): sample more per prompt (`samples`), more prompts, or use a labeller "
+                            f"that separates the answers")
     schema = pa.schema([("id", pa.string()), ("prompt", pa.string()), ("chosen", pa.string()),
                         ("rejected", pa.string())])
     _write(pa.Table.from_pylist(pairs, schema=schema), args.output, {"round": args.round, **counts})
@@ -627,7 +617,7 @@ def pairs_main(argv: list[str]) -> None:
 
 
 def respond_main(argv: list[str]) -> None:
-    from workflow_scripts.llm import Endpoint, GenParams, cli_errors, open_backend
+    from workflow_scripts.llm import Endpoint, GenParams, open_backend
 
     ap = _parser("Safe answers to the last round's failure-inducing instructions (the rows ReverseGen adds).",
                  "labels", "target", "output", "options", "cache", "threads")
@@ -683,12 +673,12 @@ def run_main(argv: list[str]) -> None:
     ap.add_argument("--options", required=True)
     args = ap.parse_args(argv)
     opts = _options(ap, args)
-    with _data_errors():
+    with cli_errors():
         table = read_table(args.input)
     final_round = opts.rounds + 1
     added, added_decisions = added_rows(pq.read_table(args.responses).to_pylist(), final_round, opts)
     rows = table.to_pylist()
-    if any("unsafe" in r for r in rows) or "unsafe" in table.column_names:
+    if "unsafe" in table.column_names:
         for r in added:
             r["unsafe"] = False
     out = records_to_table(rows + added)
@@ -716,8 +706,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     argv = sys.argv[1:] if argv is None else argv
     commands = {"warmup": warmup_main, "propose": propose_main, "dedup": dedup_main, "answer": answer_main,
-                "label": label_main,
-                "pairs": pairs_main, "respond": respond_main, "run": run_main}
+                "label": label_main, "pairs": pairs_main, "respond": respond_main, "run": run_main}
     if not argv or argv[0] not in commands:
         raise SystemExit(f"usage: python -m workflow_scripts.reversegen {{{','.join(commands)}}} ...")
     commands[argv[0]](argv[1:])
