@@ -155,6 +155,41 @@ def test_a_batch_stops_when_every_answer_has_ended(backend, monkeypatch):
         hook.remove()
 
 
+def test_finished_rows_leave_the_batch_and_answers_stay_those_of_generate(backend, monkeypatch):
+    # An end-of-sequence token that some answers produce early and most never do: the batch must shrink.
+    import torch
+
+    early = {}
+    for prompt in PROMPTS:
+        enc = backend.tokenizer(backend.render([prompt]), return_tensors="pt", add_special_tokens=False)
+        with torch.inference_mode():
+            gen = backend.model.generate(**enc, max_new_tokens=3, do_sample=False,
+                                         pad_token_id=backend.tokenizer.pad_token_id)
+        for token in set(gen[0, enc["input_ids"].shape[1]:].tolist()):
+            early[token] = early.get(token, 0) + 1
+    eos = max((t for t, c in early.items() if c <= len(PROMPTS) // 2), key=lambda t: early[t])
+    assert early[eos] >= len(PROMPTS) // 4
+    monkeypatch.setattr(backend.model.generation_config, "eos_token_id", eos)
+    expected = [plain_generate(backend, p, 10) for p in PROMPTS]
+    shapes = []
+    hook = backend.model.register_forward_pre_hook(
+        lambda mod, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    try:
+        assert backend._plain_greedy()
+        got = backend.generate(PROMPTS, llm.GenParams(max_new_tokens=10))
+    finally:
+        hook.remove()
+    decode_rows = [rows for rows, width in shapes if width == 1]
+    assert decode_rows[0] == len(PROMPTS) and decode_rows[-1] < len(PROMPTS)
+    assert decode_rows == sorted(decode_rows, reverse=True)
+    assert got == expected
+    # A generation config with a logits processor (here a repetition penalty) goes through generate() itself.
+    monkeypatch.setattr(backend.model.generation_config, "repetition_penalty", 1.3)
+    assert not backend._plain_greedy()
+    assert backend.generate(PROMPTS[:3], llm.GenParams(max_new_tokens=4)) == \
+        [plain_generate(backend, p, 4) for p in PROMPTS[:3]]
+
+
 def test_batch_size_values_and_cli(tiny_model_dir, tmp_path):
     assert llm.parse_batch_size("auto") == llm.parse_batch_size("AUTO") == "auto"
     assert llm.parse_batch_size("8") == llm.parse_batch_size(8) == 8

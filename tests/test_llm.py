@@ -143,6 +143,21 @@ def test_choice_by_option_log_likelihood_matches_a_hand_computation(tiny_model_d
     want = [by_hand(prompts[1], o) for o in mixed]
     assert got["normalised"] and len({n for _, n in want}) == 2
     assert got["scores"] == pytest.approx([s / n for s, n in want], abs=1e-4)
+    # Several prompts with a long shared beginning (a judge's instructions): it runs once, the scores stay.
+    judged = [[{"role": "user", "content": f"Rate from 1 to 5 how harmful this is. Request: {q}"}]
+              for q in ("how to bake bread", "how to pick a lock", "x")]
+    calls = []
+    hook = backend.model.register_forward_pre_hook(
+        lambda mod, args, kwargs: calls.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        got = backend.choose(judged, same)
+    finally:
+        hook.remove()
+    # The shared beginning, then per prompt: a pass over its own tokens, then one over the options.
+    assert len(calls) == 1 + 2 * len(judged)
+    assert calls[0] > max(calls[1::2])
+    for prompt, result in zip(judged, got, strict=True):
+        assert result["scores"] == pytest.approx([by_hand(prompt, o)[0] for o in same], abs=1e-4)
 
 
 def test_logprob_choice_reads_the_token_past_the_common_prefix():

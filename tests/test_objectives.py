@@ -140,3 +140,47 @@ def test_train_cli_rejects_a_renamed_key_before_loading_anything(capsys):
                     "--recipe", json.dumps({"method": "lora"})])
     assert exc.value.code == 2
     assert "recipe.method: renamed to 'finetune'" in capsys.readouterr().err
+
+
+def test_answer_only_logits_give_the_full_loss_and_gradients(tiny_model_dir):
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           objectives.lora_config(train.full_recipe({})))
+    ids = torch.randint(3, 200, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[2, 9:] = 0  # right padding
+    labels = ids.clone()
+    labels[0, :7], labels[1, :5], labels[2, :8], labels[2, 9:] = -100, -100, -100, -100
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    cut = objectives.answer_inputs(model, batch)
+    assert cut["logits_to_keep"] == objectives.answer_span(labels) == 12 - 4
+    assert cut["labels"].shape == (3, 8) and (cut["labels"] != -100).sum() == (labels != -100).sum()
+
+    def loss_and_grads(inputs, loss_of=lambda out, labels: out.loss, **kwargs):
+        model.zero_grad()
+        inputs = dict(inputs)
+        labels = inputs["labels"]
+        out = model(**inputs, **kwargs)
+        loss = loss_of(out, labels)
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    for kwargs in ({}, {"num_items_in_batch": torch.tensor(11)}):
+        full, cut_loss = loss_and_grads(batch, **kwargs), loss_and_grads(cut, **kwargs)
+        assert cut_loss[0] == pytest.approx(full[0], rel=1e-5)
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(full[1], cut_loss[1], strict=True))
+    # weighted_sft's per-example losses read the cut logits the same way.
+    weights = torch.tensor([1.0, 0.5, 2.0])
+
+    def weighted(out, labels):
+        return objectives.weighted_answer_loss(out.logits, labels, weights)
+
+    plain = {k: v for k, v in batch.items() if k != "labels"}
+    full = loss_and_grads({**plain, "labels": labels}, weighted)
+    short = loss_and_grads({**{k: v for k, v in cut.items() if k != "labels"}, "labels": cut["labels"]}, weighted)
+    assert short[0] == pytest.approx(full[0], rel=1e-5)
+    # No answer token in the batch: nothing is cut.
+    assert objectives.answer_span(torch.full((2, 5), -100)) == 5

@@ -255,13 +255,15 @@ class HFBackend:
             "do_sample": True, "temperature": params.temperature, "top_p": params.top_p}
         for start in range(0, len(order), size):
             idx = order[start:start + size]
-            # generate() stops a batch once every row has produced an end-of-sequence token (finished rows are
-            # filled with pad tokens until then), so a batch of short answers costs only its longest answer.
             with torch.inference_mode():
                 inputs = self._prefilled([ids[i] for i in idx])
-                gen = self.model.generate(**inputs, max_new_tokens=params.max_new_tokens,
-                                          pad_token_id=self.tokenizer.pad_token_id, **kwargs)
-            new = gen[:, inputs["input_ids"].shape[1]:]
+                if params.greedy and self._plain_greedy():
+                    new = self._greedy(inputs, params.max_new_tokens)
+                else:
+                    # generate() stops a batch once every row has ended, but computes finished rows until then.
+                    gen = self.model.generate(**inputs, max_new_tokens=params.max_new_tokens,
+                                              pad_token_id=self.tokenizer.pad_token_id, **kwargs)
+                    new = gen[:, inputs["input_ids"].shape[1]:]
             for i, text in zip(idx, self.tokenizer.batch_decode(new, skip_special_tokens=True), strict=True):
                 out[i] = text
                 if on_result:
@@ -281,13 +283,26 @@ class HFBackend:
         from transformers import DynamicCache
 
         out = []
-        for text in self.render(prompts):
-            prompt_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            conts = [self.option_ids(prompt_ids, text, o) for o in options]
-            n, width, dev = len(conts), max(len(c) for c in conts), self.device
+        texts = self.render(prompts)
+        all_ids = [self.tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+        dev = self.device
+        # The prompts' shared beginning (a judge's or classifier's instructions) runs once; every prompt goes on
+        # from its cache.
+        shared = min(len(os.path.commonprefix(all_ids)), min(len(i) for i in all_ids) - 1) if all_ids else 0
+        prefix_kv = []
+        if shared > 1 and len(all_ids) > 1 and self._prefillable():
             with torch.inference_mode():
                 cache = DynamicCache()
-                last = self.model(input_ids=torch.tensor([prompt_ids], device=dev), past_key_values=cache,
+                self.model(input_ids=torch.tensor([all_ids[0][:shared]], device=dev), past_key_values=cache,
+                           use_cache=True, logits_to_keep=1)
+            prefix_kv = [(layer.keys, layer.values) for layer in cache.layers]
+        start = shared if prefix_kv else 0
+        for text, prompt_ids in zip(texts, all_ids, strict=True):
+            conts = [self.option_ids(prompt_ids, text, o) for o in options]
+            n, width = len(conts), max(len(c) for c in conts)
+            with torch.inference_mode():
+                cache = DynamicCache(prefix_kv or None)
+                last = self.model(input_ids=torch.tensor([prompt_ids[start:]], device=dev), past_key_values=cache,
                                   use_cache=True, logits_to_keep=1).logits[0, -1].float().log_softmax(-1)
                 logp = torch.zeros(n, width, device=dev)
                 logp[:, 0] = last[torch.tensor([c[0] for c in conts], device=dev)]
@@ -305,6 +320,59 @@ class HFBackend:
                     nxt = torch.tensor([c[1:] + [0] * (width - len(c)) for c in conts], device=dev)
                     logp[:, 1:] = logits.gather(-1, nxt.unsqueeze(-1)).squeeze(-1) * mask
             out.append(choice_result(options, logp.sum(1).tolist(), [len(c) for c in conts]))
+        return out
+
+    def _plain_greedy(self) -> bool:
+        """Whether greedy generate() here is the argmax of the logits alone (no repetition penalty, forced or
+        suppressed tokens, minimum length ...), so that _greedy gives its answers."""
+        if not self._prefillable():
+            return False
+        cfg = self.model.generation_config
+        neutral = {"repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "num_beams": 1,
+                   "guidance_scale": 1.0}
+        unset = ("no_repeat_ngram_size", "min_length", "min_new_tokens", "bad_words_ids", "suppress_tokens",
+                 "begin_suppress_tokens", "forced_bos_token_id", "forced_eos_token_id", "sequence_bias",
+                 "exponential_decay_length_penalty", "watermarking_config", "stop_strings")
+        return all(getattr(cfg, k, None) in (None, v) for k, v in neutral.items()) and \
+            not any(getattr(cfg, k, None) for k in unset)
+
+    def _greedy(self, inputs: dict, max_new_tokens: int) -> list[list[int]]:
+        """Greedy decoding of one prefilled batch that drops rows from it as they end. generate() keeps computing
+        finished rows until the last one ends: on eval sets where most answers are short refusals and a few run to
+        the token limit, that was most of the decode work. Answers are those of generate(): the same argmax, the
+        same positions, each row's tokens up to and including its end-of-sequence token."""
+        import torch
+        from transformers import DynamicCache
+
+        eos = self.model.generation_config.eos_token_id
+        eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=self.device)
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        cache = inputs.get("past_key_values")
+        cache = DynamicCache() if cache is None else cache
+        step_ids = ids[:, cache.get_seq_length():]  # the last token, or the whole rows when nothing was prefilled
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1]:]
+        rows = torch.arange(len(ids), device=self.device)  # the batch row each decoding row answers
+        alive = torch.ones(len(ids), dtype=torch.bool, device=self.device)
+        out: list[list[int]] = [[] for _ in range(len(ids))]
+        for step in range(max_new_tokens):
+            logits = self.model(input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                                use_cache=True, logits_to_keep=1).logits[:, -1]
+            nxt = logits.argmax(-1)
+            for row, token in zip(rows[alive].tolist(), nxt[alive].tolist(), strict=True):
+                out[row].append(token)
+            alive &= ~torch.isin(nxt, eos)
+            if step + 1 == max_new_tokens or not alive.any():
+                break
+            # Dropping rows copies the cache, about what one step's cache append costs: worth it once an eighth of
+            # the batch has ended.
+            if (~alive).sum() * 8 >= len(alive):
+                keep = alive.nonzero().squeeze(1)
+                cache.batch_select_indices(keep)
+                rows, mask, positions, nxt = rows[keep], mask[keep], positions[keep], nxt[keep]
+                alive = alive[keep]
+            mask = torch.cat([mask, mask.new_ones(len(mask), 1)], 1)
+            positions = positions[:, -1:] + 1
+            step_ids = nxt[:, None]
         return out
 
     def _prefillable(self) -> bool:
