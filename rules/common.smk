@@ -1,6 +1,8 @@
 # Experiment lookup and input functions shared by every rule file.
+import fnmatch
 import json
 import os
+import re
 import shlex
 
 from workflow_scripts.llm import ENDPOINT_FIELDS
@@ -340,25 +342,65 @@ def normalise_args(wildcards):
 
 
 # used by generate.smk
-def generation_args(wildcards):
-    e = config["evalsets"][wildcards.evalset]
+def generation_settings():
+    """`generation`, with the settings of its `llm` entry under the inline ones."""
     g = config.get("generation", {})
-    if g.get("llm"):  # the endpoint's settings with the inline ones on top
+    if g.get("llm"):
         g = {**LLMS[g["llm"]], **{k: v for k, v in g.items() if k != "llm"}}
-    args = [
+    return g
+
+
+def generation_endpoint_args():
+    g = generation_settings()
+    return " ".join([
         f"--backend {g.get('backend', 'hf')}",
         f"--batch_size {g.get('batch_size', 'auto')}",
-        f"--max_new_tokens {e.get('max_new_tokens', 256)}",
-        f"--temperature {e.get('temperature', 0)}",
-        f"--top_p {e.get('top_p', 1)}",
-    ]
+        endpoint_args({k: v for k, v in g.items() if k in ENDPOINT_FIELDS and k != "backend"}),
+    ])
+
+
+def evalset_generation(exp, seed, evalset):
+    """One eval set's generation: prompts, output, token budget, sampling, limit and request cache."""
+    e = config["evalsets"][evalset]
+    spec = {"input": raw(e["dataset"]), "output": f"generations/{exp}/seed{seed}/{evalset}.parquet",
+            "max_new_tokens": e.get("max_new_tokens", 256), "temperature": e.get("temperature", 0),
+            "top_p": e.get("top_p", 1)}
     if "limit" in e:
-        args.append(f"--limit {e['limit']}")
-    args.append(endpoint_args({k: v for k, v in g.items() if k in ENDPOINT_FIELDS and k != "backend"}))
-    if g.get("cache"):
+        spec["limit"] = e["limit"]
+    if generation_settings().get("cache"):
         # Beside the output, not declared: answers survive a failed or killed job for the rerun.
-        args.append("--cache cache/generations/{exp}/seed{seed}/{evalset}.sqlite".format(**wildcards))
+        spec["cache"] = f"cache/generations/{exp}/seed{seed}/{evalset}.sqlite"
+    return spec
+
+
+def generation_args(wildcards):
+    spec = evalset_generation(wildcards.exp, wildcards.seed, wildcards.evalset)
+    args = [generation_endpoint_args()] + [f"--{k} {spec[k]}" for k in
+                                           ("max_new_tokens", "temperature", "top_p", "limit", "cache") if k in spec]
     return " ".join(args)
+
+
+def generation_sets(evalsets):
+    """generate_sets's --sets: the eval sets of one experiment and seed, as one quoted JSON list."""
+    return lambda wildcards: shlex.quote(json.dumps(
+        [evalset_generation(wildcards.exp, wildcards.seed, s) for s in evalsets]))
+
+
+# generation.per_model_job: the experiments, grouped by the eval sets they generate, whose generation is one job per
+# seed (rules/generate.smk); the rest get a job per eval set.
+GENERATION_BUNDLES = {}
+_bundled = config.get("generation", {}).get("per_model_job") or []
+for _exp in config["experiments"]:
+    if config["experiments"][_exp].get("eval") and (
+        _bundled is True or any(fnmatch.fnmatchcase(_exp, pattern) for pattern in _bundled)
+    ):
+        GENERATION_BUNDLES.setdefault(tuple(exp_evalsets(_exp)), []).append(_exp)
+
+
+def one_of(names, exclude=False):
+    """A wildcard pattern matching exactly these names (or, with exclude, any other name)."""
+    alternatives = "|".join(re.escape(n) for n in names) or "(?!)"
+    return f"(?!(?:{alternatives})/)[^/]+" if exclude else f"(?:{alternatives})"
 
 
 # used by report.smk

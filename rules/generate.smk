@@ -7,6 +7,8 @@ rule generate:
         prompts=lambda wc: raw(config["evalsets"][wc.evalset]["dataset"]),
     output:
         "generations/{exp}/seed{seed}/{evalset}.parquet",
+    wildcard_constraints:
+        exp=one_of([e for exps in GENERATION_BUNDLES.values() for e in exps], exclude=True),
     params:
         args=generation_args,
     threads: job_threads(inference_class(generation_backend()))
@@ -21,3 +23,35 @@ rule generate:
     shell:
         "python -m workflow_scripts.generate --model {input.model} --input {input.prompts} {params.args} "
         "--seed {wildcards.seed} --threads {threads} --output {output} > {log} 2>&1"
+
+
+# generation.per_model_job: every eval set of an experiment's seed in one job, so that the model and the libraries
+# load once instead of once per eval set (about 10 s a job on a 2-core CPU; a vLLM engine's start on a GPU). One
+# rule per list of eval sets, for the experiments that generate that list.
+for _i, (_evalsets, _exps) in enumerate(GENERATION_BUNDLES.items()):
+
+    rule:
+        name:
+            f"generate_sets{_i}"
+        input:
+            model=generation_model,
+            prompts=[raw(config["evalsets"][s]["dataset"]) for s in _evalsets],
+        output:
+            [f"generations/{{exp}}/seed{{seed}}/{s}.parquet" for s in _evalsets],
+        wildcard_constraints:
+            exp=one_of(_exps),
+        params:
+            common=generation_endpoint_args(),
+            sets=generation_sets(_evalsets),
+        threads: job_threads(inference_class(generation_backend()))
+        resources:
+            **job_class(inference_class(generation_backend())),
+        conda:
+            gpu_env(generation_backend())
+        log:
+            "logs/{exp}/generate_seed{seed}.log",
+        benchmark:
+            "benchmarks/generate/{exp}/generate_seed{seed}.tsv"
+        shell:
+            "python -m workflow_scripts.generate --model {input.model} --sets {params.sets} {params.common} "
+            "--seed {wildcards.seed} --threads {threads} > {log} 2>&1"

@@ -212,6 +212,38 @@ def test_batch_size_values_and_cli(tiny_model_dir, tmp_path):
         generate.main(["--model", "m", "--input", "i", "--output", "o", "--batch_size", "0"])
 
 
+def test_several_eval_sets_in_one_process_match_one_job_each(tiny_model_dir, tmp_path, monkeypatch):
+    loads = []
+    real = llm.make_backend
+    monkeypatch.setattr(llm, "make_backend", lambda *a, **k: loads.append(1) or real(*a, **k))
+    sets = []
+    for name, n, tokens in (("a", 3, 2), ("b", 4, 3)):
+        path = tmp_path / f"{name}.parquet"
+        write_table(records_to_table([{"id": f"{name}{i}", "messages": conv(f"{name} q{i}")} for i in range(n)]),
+                    path)
+        sets.append({"input": str(path), "output": str(tmp_path / f"{name}_one.parquet"), "max_new_tokens": tokens})
+        generate.main(["--model", str(tiny_model_dir), "--input", str(path), "--max_new_tokens", str(tokens),
+                       "--output", str(tmp_path / f"{name}_single.parquet")])
+    sets[1]["limit"] = 2
+    sets[1]["cache"] = str(tmp_path / "b.sqlite")
+    loads.clear()
+    generate.main(["--model", str(tiny_model_dir), "--sets", json.dumps(sets)])
+    assert len(loads) == 1  # one model for both sets
+    for name, rows in (("a", 3), ("b", 2)):
+        one = pq.read_table(tmp_path / f"{name}_one.parquet")
+        single = pq.read_table(tmp_path / f"{name}_single.parquet")
+        assert one.num_rows == rows
+        assert one.to_pylist() == single.slice(0, rows).to_pylist()
+        assert json.loads(one.schema.metadata[b"safeft"])["params"] == \
+            json.loads(single.schema.metadata[b"safeft"])["params"]
+    assert (tmp_path / "b.sqlite").exists()
+    for bad in (["--sets", "[]"], ["--sets", "{"], ["--sets", '[{"input": "x"}]'],
+                ["--sets", '[{"input": "x", "output": "y", "max_tokens": 3}]'],
+                ["--sets", json.dumps(sets), "--input", "x", "--output", "y"], ["--input", "x"]):
+        with pytest.raises(SystemExit):
+            generate.main(["--model", "m", *bad])
+
+
 def test_cgroup_memory_limit(tmp_path):
     proc = tmp_path / "cgroup"
     v2 = tmp_path / "v2"

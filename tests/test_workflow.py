@@ -83,6 +83,9 @@ def test_tiny_end_to_end(tiny_run):
     assert all(r["messages"][1]["content"].startswith("Let's solve this problem. ") for r in virtual)
     for rule in ("train", "generate", "preview", "score", "judge", "realign_shard"):
         assert list((tiny_run / "benchmarks" / rule).rglob("*.tsv")), rule
+    # generation.per_model_job names tiny_base: one job for both its eval sets; the others one job per set.
+    assert [p.name for p in (tiny_run / "benchmarks/generate/tiny_base").glob("*.tsv")] == ["generate_seed0.tsv"]
+    assert len(list((tiny_run / "benchmarks/generate/tiny_vanilla").glob("*.tsv"))) == 3
 
 
 @pytest.mark.slow
