@@ -381,9 +381,16 @@ def generation_args(wildcards):
 
 
 def generation_sets(evalsets):
-    """generate_sets's --sets: the eval sets of one experiment and seed, as one quoted JSON list."""
-    return lambda wildcards: shlex.quote(json.dumps(
-        [evalset_generation(wildcards.exp, wildcards.seed, s) for s in evalsets]))
+    """generate_sets's --sets: the eval sets of one experiment and seed, as one quoted JSON list, with the paths
+    Snakemake gives the job (its inputs and outputs are in the order of `evalsets`)."""
+
+    def sets(wildcards, input, output):
+        specs = [evalset_generation(wildcards.exp, wildcards.seed, s) for s in evalsets]
+        for spec, prompts, out in zip(specs, input.prompts, output, strict=True):
+            spec.update(input=prompts, output=out)
+        return shlex.quote(json.dumps(specs))
+
+    return sets
 
 
 # generation.per_model_job: the experiments, grouped by the eval sets they generate, whose generation is one job per
@@ -397,10 +404,18 @@ for _exp in config["experiments"]:
         GENERATION_BUNDLES.setdefault(tuple(exp_evalsets(_exp)), []).append(_exp)
 
 
-def one_of(names, exclude=False):
-    """A wildcard pattern matching exactly these names (or, with exclude, any other name)."""
-    alternatives = "|".join(re.escape(n) for n in names) or "(?!)"
-    return f"(?!(?:{alternatives})/)[^/]+" if exclude else f"(?:{alternatives})"
+def one_of(names):
+    """An `exp` wildcard pattern matching exactly these names."""
+    return "|".join(re.escape(n) for n in names)
+
+
+def generated_one_by_one():
+    """The generic generate rule's `exp` pattern: any experiment name, except where a generate_sets rule makes that
+    experiment's eval set (the rest of the output path is in view of the lookahead). An eval set that a bundled
+    experiment does not list (another experiment's win-rate baseline, say) still has the generic rule."""
+    bundled = "|".join(f"(?:{one_of(exps)})/seed\\d+/(?:{one_of(sets)})\\.parquet$"
+                       for sets, exps in GENERATION_BUNDLES.items())
+    return (f"(?!{bundled})" if bundled else "") + r"[A-Za-z0-9_.\-]+"
 
 
 # used by report.smk

@@ -8,7 +8,7 @@ rule generate:
     output:
         "generations/{exp}/seed{seed}/{evalset}.parquet",
     wildcard_constraints:
-        exp=one_of([e for exps in GENERATION_BUNDLES.values() for e in exps], exclude=True),
+        exp=generated_one_by_one(),
     params:
         args=generation_args,
     threads: job_threads(inference_class(generation_backend()))
@@ -27,7 +27,8 @@ rule generate:
 
 # generation.per_model_job: every eval set of an experiment's seed in one job, so that the model and the libraries
 # load once instead of once per eval set (about 10 s a job on a 2-core CPU; a vLLM engine's start on a GPU). One
-# rule per list of eval sets, for the experiments that generate that list.
+# rule per list of eval sets, for the experiments that generate that list. A set that fails takes the job's other
+# outputs with it (generation.cache keeps their answers for the rerun).
 for _i, (_evalsets, _exps) in enumerate(GENERATION_BUNDLES.items()):
 
     rule:
@@ -51,7 +52,7 @@ for _i, (_evalsets, _exps) in enumerate(GENERATION_BUNDLES.items()):
         log:
             "logs/{exp}/generate_seed{seed}.log",
         benchmark:
-            "benchmarks/generate/{exp}/generate_seed{seed}.tsv"
+            "benchmarks/generate_sets/{exp}/generate_seed{seed}.tsv"
         shell:
             "python -m workflow_scripts.generate --model {input.model} --sets {params.sets} {params.common} "
             "--seed {wildcards.seed} --threads {threads} > {log} 2>&1"

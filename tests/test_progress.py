@@ -74,3 +74,21 @@ def test_history_beats_this_run_and_is_read_from_benchmarks(tmp_path):
 
 def test_fmt():
     assert progress.fmt(5) == "5s" and progress.fmt(125) == "2m05s"
+
+
+def test_rules_made_in_a_loop_count_as_one():
+    clock = Clock()
+    t = progress.Tracker(clock=clock)
+    run(t, clock, """Job stats:
+job               count
+--------------  -------
+generate_sets0        1
+generate_sets1        6
+total                 7
+
+rule generate_sets1:
+    jobid: 4
+Finished jobid: 4 (Rule: generate_sets1)
+1 of 7 steps (14%) done
+""")
+    assert t.planned == {"generate_sets": 7} and t.finished == {"generate_sets": [10.0]}

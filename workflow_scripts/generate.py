@@ -108,7 +108,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--cache", default=None, help="SQLite request cache: only requests not in it are generated")
     args = ap.parse_args(argv)
-    if (args.sets is None) == (args.input is None or args.output is None):
+    if args.sets is not None and (args.input or args.output):
+        ap.error("--sets names its inputs and outputs: no --input or --output with it")
+    if args.sets is None and (args.input is None or args.output is None):
         ap.error("give --input and --output, or --sets")
     sets = args.sets or [{"input": args.input, "output": args.output, "cache": args.cache}]
     if args.sets and args.cache:

@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 STEPS = re.compile(r"^(\d+) of (\d+) steps \(\d+%\) done")
-RULE = re.compile(r"^(?:local)?rule (\w+):")
+RULE = re.compile(r"^(?:local)?rule (\w+?)\d*:")  # rules made in a loop (generate_sets0, ...) count as one
 JOBID = re.compile(r"^\s+jobid: (\d+)")
-FINISHED = re.compile(r"^Finished jobid: (\d+) \(Rule: (\w+)\)")
+FINISHED = re.compile(r"^Finished jobid: (\d+) \(Rule: (\w+?)\d*\)")
 
 
 def fmt(seconds: float) -> str:
@@ -66,7 +66,8 @@ class Tracker:
         if self._in_stats:
             parts = text.split()
             if len(parts) == 2 and parts[1].isdigit() and parts[0] not in ("job", "total"):
-                self.planned[parts[0]] = int(parts[1])
+                rule = parts[0].rstrip("0123456789")
+                self.planned[rule] = self.planned.get(rule, 0) + int(parts[1])
             elif not text.strip() or parts[:1] == ["total"]:
                 self._in_stats = False
             return None
