@@ -84,7 +84,7 @@ def test_tiny_end_to_end(tiny_run):
     for rule in ("train", "generate", "preview", "score", "judge", "realign_shard"):
         assert list((tiny_run / "benchmarks" / rule).rglob("*.tsv")), rule
     # generation.per_model_job names tiny_base: one job for both its eval sets; the others one job per set.
-    assert [p.name for p in (tiny_run / "benchmarks/generate/tiny_base").glob("*.tsv")] == ["generate_seed0.tsv"]
+    assert [p.name for p in (tiny_run / "benchmarks/generate_sets/tiny_base").glob("*.tsv")] == ["generate_seed0.tsv"]
     assert len(list((tiny_run / "benchmarks/generate/tiny_vanilla").glob("*.tsv"))) == 3
 
 
