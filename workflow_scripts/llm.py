@@ -307,18 +307,21 @@ class HFBackend:
                 logp = torch.zeros(n, width, device=dev)
                 logp[:, 0] = last[torch.tensor([c[0] for c in conts], device=dev)]
                 if width > 1:
-                    # Every option's tokens but its last, right-padded, after n copies of the prompt's cache.
-                    pad = self.tokenizer.pad_token_id
-                    rows = torch.tensor([c[:-1] + [pad] * (width - len(c)) for c in conts], device=dev)
-                    mask = torch.tensor([[1] * (len(c) - 1) + [0] * (width - len(c)) for c in conts], device=dev)
-                    copies = DynamicCache([(layer.keys.expand(n, -1, -1, -1), layer.values.expand(n, -1, -1, -1))
-                                           for layer in cache.layers])
-                    positions = len(prompt_ids) + torch.arange(width - 1, device=dev).expand(n, -1)
-                    logits = self.model(input_ids=rows, past_key_values=copies, position_ids=positions,
-                                        attention_mask=torch.cat([mask.new_ones(n, len(prompt_ids)), mask], 1),
-                                        use_cache=True).logits.float().log_softmax(-1)
-                    nxt = torch.tensor([c[1:] + [0] * (width - len(c)) for c in conts], device=dev)
-                    logp[:, 1:] = logits.gather(-1, nxt.unsqueeze(-1)).squeeze(-1) * mask
+                    # Every option's tokens but its last, packed into one row after the prompt's cache: each token
+                    # sees the prompt and its own option's earlier tokens (a block-diagonal causal mask). One copy
+                    # of the cache per option cost ReAlign's 46 task names about 3 s a prompt on 2 CPU cores.
+                    owner = torch.tensor([k for k, c in enumerate(conts) for _ in c[1:]], device=dev)
+                    step = torch.tensor([j for c in conts for j in range(len(c) - 1)], device=dev)
+                    seen = (owner[:, None] == owner[None, :]) & (step[:, None] >= step[None, :])
+                    seen = torch.cat([seen.new_ones(len(owner), len(prompt_ids)), seen], 1)
+                    # An additive mask, as eager and SDPA attention both read a ready-made 4D mask.
+                    mask = torch.zeros(seen.shape, dtype=self.model.dtype, device=dev).masked_fill(
+                        ~seen, torch.finfo(self.model.dtype).min)
+                    logits = self.model(input_ids=torch.tensor([[t for c in conts for t in c[:-1]]], device=dev),
+                                        past_key_values=cache, position_ids=(len(prompt_ids) + step)[None],
+                                        attention_mask=mask[None, None], use_cache=True).logits[0]
+                    nxt = torch.tensor([t for c in conts for t in c[1:]], device=dev)
+                    logp[owner, step + 1] = logits.float().log_softmax(-1).gather(-1, nxt[:, None]).squeeze(-1)
             out.append(choice_result(options, logp.sum(1).tolist(), [len(c) for c in conts]))
         return out
 

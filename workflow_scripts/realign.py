@@ -35,7 +35,7 @@ from workflow_scripts.io import (
     write_json,
     write_table,
 )
-from workflow_scripts.llm import BACKENDS, Endpoint, GenParams, cli_errors, open_backend
+from workflow_scripts.llm import BACKENDS, Endpoint, GenParams, cli_errors, open_backend, parse_batch_size
 from workflow_scripts.methods import option_type, options_from_cli
 from workflow_scripts.realign_retrieve import clean_snippets, make_retriever
 
@@ -520,7 +520,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--stats", default=None, help="JSON file for the counts")
     run.add_argument("--threads", type=int, default=None, help="CPU threads (hf)")
     run.add_argument("--cache_dir", default=None, help="SQLite request caches (classifier/rewriter) live here")
-    run.add_argument("--batch_size", type=int, default=16, help="hf batch size")
+    run.add_argument("--batch_size", type=parse_batch_size, default="auto",
+                     help="hf batch size, or auto: sized from the prompts and the free memory")
     run.add_argument("--criteria", default=str(CRITERIA))
     run.add_argument("--prompt_dir", default=str(PROMPT_DIR))
     run.add_argument("--options", dest="options_json", default=None,
