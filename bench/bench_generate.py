@@ -23,9 +23,7 @@ threads), new tokens/s of each path and their ratio (target >= 2x), the model FL
 """
 
 import argparse
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
@@ -88,10 +86,7 @@ def main():
     ap.add_argument("--old_batch_size", type=int, default=16, help="the old path's fixed batch size")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    model = args.model
-    if model is None:
-        model = str(Path(tempfile.mkdtemp()) / "smollm2")
-        models.materialise("demo_gguf", Path(model))
+    model = models.demo_model_dir(args.model)
     backend = llm.HFBackend(model, threads=args.threads)
     torch.set_num_threads(args.threads)
     device = backend.device

@@ -13,9 +13,7 @@ ratio, and the largest difference between the two ways' losses.
 """
 
 import argparse
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
@@ -42,10 +40,7 @@ def main():
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model_dir = args.model
-    if model_dir is None:
-        model_dir = str(Path(tempfile.mkdtemp()) / "smollm2")
-        models.materialise("demo_gguf", Path(model_dir))
+    model_dir = models.demo_model_dir(args.model)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -351,31 +351,34 @@ class HFBackend:
         from transformers import DynamicCache
 
         eos = self.model.generation_config.eos_token_id
-        eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=self.device)
+        eos = {eos} if isinstance(eos, int) else set(eos or [])
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
         cache = inputs.get("past_key_values")
         cache = DynamicCache() if cache is None else cache
         step_ids = ids[:, cache.get_seq_length():]  # the last token, or the whole rows when nothing was prefilled
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1]:]
-        rows = torch.arange(len(ids), device=self.device)  # the batch row each decoding row answers
-        alive = torch.ones(len(ids), dtype=torch.bool, device=self.device)
+        rows = list(range(len(ids)))  # the batch row each decoding row answers
+        alive = [True] * len(ids)
         out: list[list[int]] = [[] for _ in range(len(ids))]
         for step in range(max_new_tokens):
             logits = self.model(input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                                 use_cache=True, logits_to_keep=1).logits[:, -1]
             nxt = logits.argmax(-1)
-            for row, token in zip(rows[alive].tolist(), nxt[alive].tolist(), strict=True):
-                out[row].append(token)
-            alive &= ~torch.isin(nxt, eos)
-            if step + 1 == max_new_tokens or not alive.any():
+            # The step's one wait for the device: the rest of the bookkeeping is on the host.
+            for k, (row, token) in enumerate(zip(rows, nxt.tolist(), strict=True)):
+                if alive[k]:
+                    out[row].append(token)
+                    alive[k] = token not in eos
+            if step + 1 == max_new_tokens or not any(alive):
                 break
             # Dropping rows copies the cache, about what one step's cache append costs: worth it once an eighth of
             # the batch has ended.
-            if (~alive).sum() * 8 >= len(alive):
-                keep = alive.nonzero().squeeze(1)
+            if alive.count(False) * 8 >= len(alive):
+                live = [k for k, a in enumerate(alive) if a]
+                keep = torch.tensor(live, device=self.device)
                 cache.batch_select_indices(keep)
-                rows, mask, positions, nxt = rows[keep], mask[keep], positions[keep], nxt[keep]
-                alive = alive[keep]
+                mask, positions, nxt = mask[keep], positions[keep], nxt[keep]
+                rows, alive = [rows[k] for k in live], [True] * len(live)
             mask = torch.cat([mask, mask.new_ones(len(mask), 1)], 1)
             positions = positions[:, -1:] + 1
             step_ids = nxt[:, None]

@@ -149,6 +149,18 @@ def materialise(source: str, out_dir: Path, path: str | None = None, revision: s
     )
 
 
+def demo_model_dir(folder: str | None = None) -> str:
+    """`folder` when given, else the demo model converted from its GGUF into a new temporary folder (about a
+    minute): what the bench scripts run on without a prepared model."""
+    if folder:
+        return folder
+    import tempfile
+
+    out = Path(tempfile.mkdtemp(prefix="safeft_demo_model.")) / "smollm2"
+    materialise("demo_gguf", out)
+    return str(out)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--source", required=True, choices=["demo_gguf", "gguf", "local", "hub", "tiny"])

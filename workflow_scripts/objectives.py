@@ -4,6 +4,8 @@ training tables, recipe and training arguments into a Trainer that the lifecycle
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 
 import pyarrow as pa
@@ -154,12 +156,16 @@ def answer_span(labels) -> int:
     return labels.shape[1] - max(int(labelled[0]) - 1, 0) if len(labelled) else labels.shape[1]
 
 
-def keeps_logits(model) -> bool:
-    """Whether the (possibly PEFT- or DeepSpeed-wrapped) causal LM's forward takes `logits_to_keep`."""
-    import inspect
+@functools.cache
+def _forward_keeps_logits(model_class: type) -> bool:
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
+
+def keeps_logits(model) -> bool:
+    """Whether the (possibly PEFT- or DeepSpeed-wrapped) causal LM's forward takes `logits_to_keep`; asked every
+    training step, so the signature is read once per model class."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
+    return _forward_keeps_logits(type(base))
 
 
 def answer_inputs(model, inputs: dict) -> dict:
