@@ -158,6 +158,13 @@ def test_choice_by_option_log_likelihood_matches_a_hand_computation(tiny_model_d
     assert calls[0] > max(calls[1::2])
     for prompt, result in zip(judged, got, strict=True):
         assert result["scores"] == pytest.approx([by_hand(prompt, o)[0] for o in same], abs=1e-4)
+    # Options packed into one row under a 4D mask (SDPA, eager) and, where a model's attention cannot take that
+    # mask, one cache copy per option: the same scores either way.
+    assert backend._packable()
+    backend.model.set_attn_implementation("eager")
+    assert backend.choose(prompts[1:], mixed)[0]["scores"] == pytest.approx([s / n for s, n in want], abs=1e-4)
+    backend._packable = lambda: False
+    assert backend.choose(prompts[1:], mixed)[0]["scores"] == pytest.approx([s / n for s, n in want], abs=1e-4)
 
 
 def test_logprob_choice_reads_the_token_past_the_common_prefix():

@@ -306,7 +306,20 @@ class HFBackend:
                                   use_cache=True, logits_to_keep=1).logits[0, -1].float().log_softmax(-1)
                 logp = torch.zeros(n, width, device=dev)
                 logp[:, 0] = last[torch.tensor([c[0] for c in conts], device=dev)]
-                if width > 1:
+                if width > 1 and not self._packable():
+                    # Every option's tokens but its last, right-padded, after n copies of the prompt's cache.
+                    pad = self.tokenizer.pad_token_id
+                    rows = torch.tensor([c[:-1] + [pad] * (width - len(c)) for c in conts], device=dev)
+                    mask = torch.tensor([[1] * (len(c) - 1) + [0] * (width - len(c)) for c in conts], device=dev)
+                    copies = DynamicCache([(layer.keys.expand(n, -1, -1, -1), layer.values.expand(n, -1, -1, -1))
+                                           for layer in cache.layers])
+                    positions = len(prompt_ids) + torch.arange(width - 1, device=dev).expand(n, -1)
+                    logits = self.model(input_ids=rows, past_key_values=copies, position_ids=positions,
+                                        attention_mask=torch.cat([mask.new_ones(n, len(prompt_ids)), mask], 1),
+                                        use_cache=True).logits.float().log_softmax(-1)
+                    nxt = torch.tensor([c[1:] + [0] * (width - len(c)) for c in conts], device=dev)
+                    logp[:, 1:] = logits.gather(-1, nxt.unsqueeze(-1)).squeeze(-1) * mask
+                elif width > 1:
                     # Every option's tokens but its last, packed into one row after the prompt's cache: each token
                     # sees the prompt and its own option's earlier tokens (a block-diagonal causal mask). One copy
                     # of the cache per option cost ReAlign's 46 task names about 3 s a prompt on 2 CPU cores.
@@ -324,6 +337,12 @@ class HFBackend:
                     logp[owner, step + 1] = logits.float().log_softmax(-1).gather(-1, nxt[:, None]).squeeze(-1)
             out.append(choice_result(options, logp.sum(1).tolist(), [len(c) for c in conts]))
         return out
+
+    def _packable(self) -> bool:
+        """Whether choose() may score all options in one row under its own 4D mask: a ready-made 4D mask replaces
+        the model's own, so it is used only with plain full attention (no sliding window or chunks: _prefillable)
+        read by eager or SDPA attention (flash and flex attention do not take an additive mask)."""
+        return self._prefillable() and self.model.config._attn_implementation in ("eager", "sdpa")
 
     def _plain_greedy(self) -> bool:
         """Whether greedy generate() here is the argmax of the logits alone (no repetition penalty, forced or
