@@ -115,6 +115,20 @@ def test_per_item_failures_raise_or_become_none(tmp_path):
         assert (cached.hits, cached.sent) == (2, 1) and server.counts()["bad 2"] == 3
 
 
+def test_an_answer_is_handed_over_before_its_worker_sends_another_request():
+    # A slow callback (a busy disk cache) must hold its worker back: otherwise answers pile up unstored and a
+    # killed run repeats more than the requests it had in flight.
+    unstored = []
+    with FakeOpenAI(latency=0.005) as server:
+        def slow_store(i, answer):
+            unstored.append(server.n_answered - len(unstored))
+            time.sleep(0.03)
+
+        backend_for(server, concurrency=3).generate([chat(f"q{i}") for i in range(24)], llm.GenParams(),
+                                                    on_result=slow_store)
+    assert len(unstored) == 24 and max(unstored) <= 3
+
+
 def test_unreachable_server_fails_fast_naming_the_url_without_credentials(tmp_path, capsys):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))

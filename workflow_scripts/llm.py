@@ -694,7 +694,9 @@ class OpenAIBackend:
 
     def generate(self, prompts: list[list[dict]], params: GenParams, on_result: OnResult | None = None,
                  on_error: str = "raise") -> list[str | None]:
-        """Answers in input order. `on_result(index, answer)` is called in this thread as each item completes.
+        """Answers in input order. `on_result(index, answer)` is called once per item, one call at a time; for
+        an answer it runs in the worker that got it, before that worker sends another request, so a callback that
+        stores answers (CachedBackend) leaves at most `concurrency` of them unstored when the process is killed.
         on_error="raise" stops at the first item that fails for good; "none" logs it, gives it None and goes
         on (an unreachable server still raises)."""
         if on_error not in ("raise", "none"):
@@ -705,18 +707,28 @@ class OpenAIBackend:
         stop = threading.Event()
         pool = ThreadPoolExecutor(min(self.concurrency, len(prompts)))
         every = max(1, len(prompts) // 10)
+        one_at_a_time = threading.Lock()
+
+        def answer(i: int, messages: list[dict]) -> str:
+            text = self._one(messages, params, stop)
+            if on_result:
+                with one_at_a_time:
+                    on_result(i, text)
+            return text
+
         try:
-            index = {pool.submit(self._one, p, params, stop): i for i, p in enumerate(prompts)}
+            index = {pool.submit(answer, i, p): i for i, p in enumerate(prompts)}
             for finished, future in enumerate(as_completed(index), 1):
                 i, err = index[future], future.exception()
                 if err is None:
                     out[i] = future.result()
                 elif on_error == "none" and isinstance(err, LLMRequestError) and not isinstance(err, ServerUnreachable):
                     log.warning("item %d failed: %s", i, err)
+                    if on_result:
+                        with one_at_a_time:
+                            on_result(i, None)
                 else:
                     raise err
-                if on_result:
-                    on_result(i, out[i])
                 if finished % every == 0 or finished == len(prompts):
                     print(f"generated {finished}/{len(prompts)}", flush=True)
         except BaseException:
