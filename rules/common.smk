@@ -1,12 +1,13 @@
 # Experiment lookup and input functions shared by every rule file.
 import fnmatch
+import functools
 import json
 import os
 import re
 import shlex
 
 from workflow_scripts.llm import ENDPOINT_FIELDS
-from workflow_scripts.methods import llm_options, method_schemas, names_in_steps, step_problem
+from workflow_scripts.methods import llm_options, method_schemas, names_in_steps, step_owners, step_problem
 from workflow_scripts.objectives import recipe_problems
 from workflow_scripts.sweeps import line_label, sweep_points
 
@@ -204,10 +205,18 @@ def raw(dataset):
     return f"data/raw/{dataset}.parquet"
 
 
+@functools.cache
+def shared_steps():
+    # Once per run, after check_config: the experiments are fixed by then (sweeps included).
+    return step_owners(config["experiments"])
+
+
 def method_steps(exp):
-    """Paths of the experiment's method chain, in order (empty for no method)."""
+    """Paths of the experiment's method chain, in order (empty for no method). A step that several experiments
+    share (same base model, training set and chain up to it) lives under the first of them: made once."""
     methods = exp_cfg(exp).get("methods", [])
-    return [f"data/{exp}/steps/{i}_{m['method']}.parquet" for i, m in enumerate(methods, 1)]
+    owners = shared_steps()
+    return [f"data/{owners[exp, i]}/steps/{i}_{m['method']}.parquet" for i, m in enumerate(methods, 1)]
 
 
 def step_input(wildcards):

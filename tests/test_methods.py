@@ -13,9 +13,16 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from smk_helpers import REPO, TINY, smk
+from smk_helpers import REPO, TINY, planned_outputs, smk
 
-from workflow_scripts.methods import method_schemas, names_in_steps, options_from_cli, parse_options, step_problem
+from workflow_scripts.methods import (
+    method_schemas,
+    names_in_steps,
+    options_from_cli,
+    parse_options,
+    step_owners,
+    step_problem,
+)
 
 SCHEMAS = method_schemas(REPO / "schemas" / "methods")
 WHERE = "experiments.x.methods[0]"
@@ -117,6 +124,42 @@ def test_manifest_config_includes_models_named_in_a_step(tmp_path):
     command = next(line for line in out.stdout.splitlines() if "workflow_scripts.manifest" in line)
     subtree = json.loads(re.search(r"--config_json '(.*?)' ", command).group(1))
     assert subtree["models"]["tiny_rewriter"] == {"source": "tiny"}
+
+
+# ---------------------------------------------------------------- steps shared between experiments
+
+def test_a_step_is_owned_by_the_first_experiment_with_the_same_model_data_and_chain_up_to_it():
+    mix = {"method": "mix", "unsafe": "u", "ratio": 0.2}
+    seal = {"method": "seal", "safe": "s", "p": 0.8}
+    experiments = {
+        "plain": {"model": "m", "train": "t", "methods": [mix]},
+        "seal": {"model": "m", "train": "t", "methods": [mix, seal]},
+        "seal_more": {"model": "m", "train": "t", "methods": [dict(mix), dict(seal), {"method": "mix", "add": "s"}]},
+        "seal_p": {"model": "m", "train": "t", "methods": [mix, {**seal, "p": 0.5}]},
+        "other_model": {"model": "m2", "train": "t", "methods": [mix, seal]},
+        "other_data": {"model": "m", "train": "t2", "methods": [mix]},
+        "none": {"model": "m", "train": "t"},
+    }
+    owners = step_owners(experiments)
+    assert owners["seal", 1] == owners["seal_more", 1] == owners["seal_p", 1] == "plain"
+    assert owners["seal", 2] == owners["seal_more", 2] == "seal"
+    assert owners["seal_more", 3] == "seal_more"
+    assert owners["seal_p", 2] == "seal_p"  # another option: another selection
+    assert owners["other_model", 1] == owners["other_model", 2] == "other_model"
+    assert owners["other_data", 1] == "other_data"
+    assert not any(exp == "none" for exp, _ in owners)
+
+
+def test_shipped_seal_experiments_make_the_selection_once(tmp_path):
+    out = smk(tmp_path, "-n", "-p", "results/demo_seal/safe_rate.json", "results/demo_seal_safeinstr/safe_rate.json",
+              "results/demo_seal_safeinstr/filter.json").stdout
+    planned = planned_outputs(out)
+    assert planned.count("data/demo_seal/steps/2_seal.parquet") == 1
+    assert not any(p.startswith("data/demo_seal_safeinstr/steps/2_") for p in planned)
+    assert planned.count("data/demo_mix_vanilla/steps/1_mix.parquet") == 1  # the mix every demo mix row starts from
+    # SafeInstr's step reads SEAL's selection where demo_seal made it.
+    add = next(line for line in out.splitlines() if "workflow_scripts.mix" in line and "3_mix.parquet" in line)
+    assert "data/demo_seal/steps/2_seal.parquet" in add
 
 
 # ---------------------------------------------------------------- a new method from new files only

@@ -65,6 +65,21 @@ def names_in_steps(steps: Iterable[dict], names: Iterable[str]) -> list[str]:
     return list(found)
 
 
+def step_owners(experiments: dict[str, dict]) -> dict[tuple[str, int], str]:
+    """{(experiment, step number from 1): the experiment whose folder holds that step's files}. Two experiments
+    share a step when they share its whole input: the base model, the training set and every step up to it with
+    the same options. The step is then made once, under the first of them in config order (demo_seal_safeinstr
+    reads demo_seal's SEAL selection; every point of a mix sweep at one ratio reads one mix)."""
+    first: dict[str, str] = {}
+    owners = {}
+    for name, x in experiments.items():
+        steps = x.get("methods") or []
+        for i in range(1, len(steps) + 1):
+            key = json.dumps([x.get("model"), x.get("train"), steps[:i]], sort_keys=True, default=str)
+            owners[name, i] = first.setdefault(key, name)
+    return owners
+
+
 def _number_types(hint) -> tuple:
     return typing.get_args(hint) or (hint,)
 
