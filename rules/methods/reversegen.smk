@@ -251,9 +251,8 @@ rule reversegen:
 # The per-round metrics where the report and a user look for an experiment's results.
 rule reversegen_rounds:
     input:
-        lambda wc: method_steps(wc.exp)[reversegen.step_index(exp_cfg(wc.exp)["methods"]) - 1].replace(
-            ".parquet", ".rounds.json"
-        ),
+        lambda wc: method_steps(wc.exp)[reversegen.step_index(exp_cfg(wc.exp)["methods"]) - 1].removesuffix(".parquet")
+        + ".rounds.json",
     output:
         "results/{exp}/rounds.json",
     localrule: True
