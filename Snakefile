@@ -20,6 +20,11 @@ config["experiments"] = {
 }
 
 
+# `--config seeds=[0,1,2]` (what `make demo SEEDS="0 1 2"` passes) reads the list with YAML's BaseLoader: strings.
+if isinstance(config.get("seeds"), list):
+    config["seeds"] = [int(s) if isinstance(s, str) and s.strip().isdigit() else s for s in config["seeds"]]
+
+
 validate(config, "schemas/config.schema.yaml")
 
 

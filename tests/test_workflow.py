@@ -20,6 +20,18 @@ def test_dry_run_every_shipped_config(tmp_path, args):
     assert "Job stats" in out
 
 
+def test_make_demo_seeds_switch_plans_every_seed(tmp_path):
+    # The Makefile's SEED_CONFIG for SEEDS="0 1 2": --config reads the list's items as strings.
+    make = subprocess.run(["make", "-n", "demo", "SEEDS=0 1 2"], cwd=REPO, capture_output=True, text=True, check=True)
+    assert '--config "seeds=[0,1,2]"' in make.stdout
+    targets = ["results/report/summary.md", "results/demo_mix_vanilla/safe_rate.json"]
+    planned = planned_outputs(smk(tmp_path, "-n", *targets, "--config", "seeds=[0,1,2]").stdout)
+    for seed in (0, 1, 2):
+        assert f"models/demo_vanilla/seed{seed}" in planned and f"models/demo_real6/seed{seed}" in planned
+    # An experiment's own `seeds` wins over the switch.
+    assert "models/demo_mix_vanilla/seed0" in planned and "models/demo_mix_vanilla/seed1" not in planned
+
+
 def test_paper_setting_plans_full_finetuning_with_deepspeed(tmp_path):
     out = smk(tmp_path, "-n", "-p", "results/gsm8k_real6/safe_rate.json").stdout
     assert """--options '{"m": 6, "mode": "real"}'""" in out
